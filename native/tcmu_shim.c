@@ -1,0 +1,344 @@
+/*
+ * tcmu-py native shim: ring access that must be atomic, bounds-checked and fast.
+ *
+ * The consumer protocol follows reference/tcmu.md §1.7: acquire-load cmd_head, walk
+ * from the private index to head (PAD skipped, TMR reported, unknown opcodes flagged
+ * UNKNOWN_OP), copy everything needed out of each request before any completion can
+ * overwrite it, and complete out of order by writing cmd_id + response into whatever
+ * CMD entry sits at the shared cmd_tail, followed by one release-store of the tail.
+ */
+#include "tcmu_shim.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+/* mailbox offsets (§1.2) */
+#define MB_VERSION 0
+#define MB_CMDR_OFF 4
+#define MB_CMDR_SIZE 8
+#define MB_CMD_HEAD 12
+#define MB_CMD_TAIL 64
+#define MB_SIZE 128
+
+/* entry offsets (§1.3-1.5) */
+#define OP_MASK 0x7u
+#define OP_PAD 0
+#define OP_CMD 1
+#define OP_TMR 2
+#define UFLAG_UNKNOWN_OP 0x1
+#define ENT_HDR_SIZE 8
+#define REQ_IOV_CNT 8
+#define REQ_IOV_BIDI_CNT 12
+#define REQ_CDB_OFF 24
+#define REQ_IOV 48
+#define RSP_STATUS 8
+#define RSP_READ_LEN 12
+#define RSP_SENSE 16
+#define TMR_TYPE 8
+#define TMR_CMD_CNT 12
+#define TMR_IDS 32
+
+static inline uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline void wr32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static inline void wr16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+
+int tcmu_py_map(int fd, uint64_t size, void **out)
+{
+    void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED)
+        return -errno;
+    *out = p;
+    return 0;
+}
+
+int tcmu_py_unmap(void *addr, uint64_t size)
+{
+    return munmap(addr, (size_t)size) ? -errno : 0;
+}
+
+int tcmu_py_ring_init(struct tcmu_py_ring *r, void *map, uint64_t map_size, int fd)
+{
+    uint8_t *mb = map;
+    uint32_t off, size;
+
+    if (map_size < MB_SIZE)
+        return -EINVAL;
+    if (rd16(mb + MB_VERSION) != 2)
+        return -EPROTO;
+    off = rd32(mb + MB_CMDR_OFF);
+    size = rd32(mb + MB_CMDR_SIZE);
+    if (off < MB_SIZE || size < 1024 || (uint64_t)off + size > map_size)
+        return -EINVAL;
+    memset(r, 0, sizeof(*r));
+    r->map = mb;
+    r->map_size = map_size;
+    r->cmdr_off = off;
+    r->cmdr_size = size;
+    r->data_off = (uint64_t)off + size;
+    r->fd = fd;
+    r->fetch = __atomic_load_n((uint32_t *)(mb + MB_CMD_TAIL), __ATOMIC_ACQUIRE) % size;
+    return 0;
+}
+
+void tcmu_py_ring_reset(struct tcmu_py_ring *r)
+{
+    r->fetch = __atomic_load_n((uint32_t *)(r->map + MB_CMD_TAIL), __ATOMIC_ACQUIRE) % r->cmdr_size;
+    r->corrupt = 0;
+}
+
+uint32_t tcmu_py_load_head(const struct tcmu_py_ring *r)
+{
+    return __atomic_load_n((uint32_t *)(r->map + MB_CMD_HEAD), __ATOMIC_ACQUIRE);
+}
+
+uint32_t tcmu_py_load_tail(const struct tcmu_py_ring *r)
+{
+    return __atomic_load_n((uint32_t *)(r->map + MB_CMD_TAIL), __ATOMIC_ACQUIRE);
+}
+
+void tcmu_py_store_tail(struct tcmu_py_ring *r, uint32_t tail)
+{
+    __atomic_store_n((uint32_t *)(r->map + MB_CMD_TAIL), tail, __ATOMIC_RELEASE);
+}
+
+static uint32_t cdb_size(uint8_t op, uint8_t b7)
+{
+    static const uint8_t group[8] = {6, 10, 10, 12, 16, 12, 10, 10};
+    if (op == 0x7f)
+        return (uint32_t)b7 + 8;
+    return group[(op >> 5) & 7];
+}
+
+/* Decode one CMD entry at ring offset pos of length len into d (and iov). */
+static uint8_t decode_cmd(struct tcmu_py_ring *r, uint32_t pos, uint32_t len,
+                          struct tcmu_py_desc *d, struct tcmu_py_iov *iov,
+                          uint32_t iov_room)
+{
+    const uint8_t *ent = r->map + r->cmdr_off + pos;
+    uint64_t ent_abs = (uint64_t)r->cmdr_off + pos;
+    uint64_t ent_end = ent_abs + len;
+    uint32_t cnt = rd32(ent + REQ_IOV_CNT);
+    uint32_t bidi = rd32(ent + REQ_IOV_BIDI_CNT);
+    uint64_t cdb_off = rd64(ent + REQ_CDB_OFF);
+    uint64_t total = 0, n;
+    uint32_t i, clen;
+
+    if (len < REQ_IOV)
+        return TCMU_PY_BAD_IOV_CNT;
+    n = (uint64_t)cnt + bidi;
+    if (n > (len - REQ_IOV) / 16)
+        return TCMU_PY_BAD_IOV_CNT;
+    if (cdb_off < ent_abs + REQ_IOV || cdb_off >= ent_end)
+        return TCMU_PY_BAD_CDB_OFF;
+    clen = cdb_size(r->map[cdb_off], cdb_off + 8 <= ent_end ? r->map[cdb_off + 7] : 0);
+    if (clen > TCMU_PY_CDB_MAX)
+        return TCMU_PY_BAD_CDB_LEN;
+    if (cdb_off + clen > ent_end)
+        return TCMU_PY_BAD_CDB_LEN;
+    if (n > iov_room)
+        return 0xff; /* caller: no room, stop this drain here */
+    for (i = 0; i < n; i++) {
+        uint64_t off = rd64(ent + REQ_IOV + 16 * i);
+        uint64_t l = rd64(ent + REQ_IOV + 16 * i + 8);
+        if (off < r->data_off || off > r->map_size || l > r->map_size - off)
+            return TCMU_PY_BAD_IOV;
+        iov[i].off = off;
+        iov[i].len = l;
+        if (i < cnt)
+            total += l;
+    }
+    memcpy(d->cdb, r->map + cdb_off, clen);
+    d->cdb_len = (uint8_t)clen;
+    d->iov_cnt = cnt;
+    d->iov_bidi_cnt = bidi;
+    d->data_len = total;
+    d->iov0_off = n ? iov[0].off : 0;
+    d->iov0_len = cnt ? iov[0].len : 0;
+    return TCMU_PY_BAD_NONE;
+}
+
+int tcmu_py_drain(struct tcmu_py_ring *r,
+                  struct tcmu_py_desc *d, uint32_t max_d,
+                  struct tcmu_py_iov *iov, uint32_t max_iov,
+                  uint16_t *tmr_ids, uint32_t max_tmr)
+{
+    uint32_t head, pos = r->fetch, size = r->cmdr_size;
+    uint32_t nd = 0, ni = 0, nt = 0;
+
+    r->n_iov = 0;
+    r->n_tmr = 0;
+    if (r->corrupt)
+        return 0;
+    head = tcmu_py_load_head(r);
+    if (head >= size) {
+        r->corrupt = TCMU_PY_BAD_LEN;
+        return 0;
+    }
+    while (pos != head && nd < max_d) {
+        uint8_t *ent = r->map + r->cmdr_off + pos;
+        uint32_t len_op, len, op;
+        struct tcmu_py_desc *o = &d[nd];
+
+        /* the header itself must lie inside the ring */
+        if (size - pos < ENT_HDR_SIZE) {
+            r->corrupt = TCMU_PY_BAD_LEN;
+            break;
+        }
+        len_op = rd32(ent);
+        len = len_op & ~OP_MASK;
+        op = len_op & OP_MASK;
+        if (len == 0 || len > size - pos) {
+            r->corrupt = TCMU_PY_BAD_LEN;
+            break;
+        }
+        if (op == OP_PAD) {
+            pos = (pos + len) % size;
+            continue;
+        }
+        memset(o, 0, offsetof(struct tcmu_py_desc, cdb));
+        o->cmd_id = rd16(ent + 4);
+        if (op == OP_CMD) {
+            uint8_t bad = decode_cmd(r, pos, len, o, iov + ni, max_iov - ni);
+            if (bad == 0xff)
+                break; /* out of iovec room: resume here next time */
+            o->iov_index = ni;
+            if (bad == TCMU_PY_BAD_NONE) {
+                o->kind = TCMU_PY_KIND_CMD;
+                ni += o->iov_cnt + o->iov_bidi_cnt;
+            } else {
+                o->kind = TCMU_PY_KIND_MALFORMED;
+                o->bad = bad;
+                ent[7] |= UFLAG_UNKNOWN_OP;
+            }
+        } else if (op == OP_TMR) {
+            uint32_t cnt = len >= TMR_IDS ? rd32(ent + TMR_CMD_CNT) : 0;
+            uint32_t i;
+            o->kind = TCMU_PY_KIND_TMR;
+            o->tmr_type = len >= TMR_IDS ? ent[TMR_TYPE] : 0;
+            if (len < TMR_IDS || cnt > (len - TMR_IDS) / 2) {
+                o->bad = TCMU_PY_BAD_TMR;
+                cnt = 0;
+            }
+            if (cnt > max_tmr - nt)
+                break; /* resume here next time */
+            o->iov_index = nt;
+            for (i = 0; i < cnt; i++)
+                tmr_ids[nt + i] = rd16(ent + TMR_IDS + 2 * i);
+            o->tmr_cnt = cnt;
+            nt += cnt;
+        } else {
+            o->kind = TCMU_PY_KIND_UNKNOWN;
+            ent[7] |= UFLAG_UNKNOWN_OP;
+        }
+        nd++;
+        pos = (pos + len) % size;
+    }
+    r->fetch = pos;
+    r->n_iov = ni;
+    r->n_tmr = nt;
+    return (int)nd;
+}
+
+int tcmu_py_complete(struct tcmu_py_ring *r, const struct tcmu_py_comp *c, uint32_t n)
+{
+    uint32_t size = r->cmdr_size;
+    uint32_t tail = tcmu_py_load_tail(r) % size;
+    uint32_t done = 0;
+    int err = 0;
+
+    for (;;) {
+        /* skip entries that need no completion (PAD, TMR, unknown) */
+        while (tail != r->fetch) {
+            uint8_t *ent = r->map + r->cmdr_off + tail;
+            uint32_t len_op = rd32(ent);
+            uint32_t len = len_op & ~OP_MASK;
+            if ((len_op & OP_MASK) == OP_CMD)
+                break;
+            if (len == 0 || len > size - tail) { /* cannot happen below fetch */
+                err = -EBADMSG;
+                goto out;
+            }
+            tail = (tail + len) % size;
+        }
+        if (done == n)
+            break;
+        if (tail == r->fetch) {
+            err = -ERANGE; /* more completions than fetched commands */
+            break;
+        }
+        {
+            uint8_t *ent = r->map + r->cmdr_off + tail;
+            uint32_t len = rd32(ent) & ~OP_MASK;
+            const struct tcmu_py_comp *cc = &c[done];
+            wr16(ent + 4, cc->cmd_id);
+            ent[7] = cc->uflags;
+            ent[RSP_STATUS] = cc->status;
+            wr32(ent + RSP_READ_LEN, cc->read_len);
+            if (cc->sense_len) {
+                uint32_t sl = cc->sense_len > 96 ? 96 : cc->sense_len;
+                memcpy(ent + RSP_SENSE, cc->sense, sl);
+                memset(ent + RSP_SENSE + sl, 0, 96 - sl);
+            }
+            tail = (tail + len) % size;
+            done++;
+        }
+    }
+out:
+    tcmu_py_store_tail(r, tail);
+    return err ? err : (int)done;
+}
+
+uint32_t tcmu_py_inflight_bytes(const struct tcmu_py_ring *r)
+{
+    uint32_t tail = tcmu_py_load_tail(r) % r->cmdr_size;
+    return (r->fetch + r->cmdr_size - tail) % r->cmdr_size;
+}
+
+int tcmu_py_wakeup(int fd)
+{
+    uint32_t v = 0;
+    ssize_t n;
+    do {
+        n = write(fd, &v, 4);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return -errno;
+    return n == 4 ? 0 : -EIO;
+}
+
+int tcmu_py_ack(int fd)
+{
+    uint32_t v;
+    int count = 0;
+    while (count < 4096) {
+        ssize_t n = read(fd, &v, 4);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN)
+                break;
+            return -errno;
+        }
+        if (n == 0)
+            break;
+        count++;
+    }
+    return count;
+}
+
+int tcmu_py_wait(int fd, int timeout_ms)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    int rc;
+    do {
+        rc = poll(&p, 1, timeout_ms);
+    } while (rc < 0 && errno == EINTR);
+    if (rc < 0)
+        return -errno;
+    return rc > 0 ? 1 : 0;
+}

@@ -1,0 +1,110 @@
+/*
+ * tcmu-py native shim: declarations shared by the cffi cdef and the C source.
+ *
+ * Only what Python cannot do safely or fast lives here: mapping the uio region,
+ * acquire/release access to the mailbox indices, draining every new ring entry
+ * into compact descriptors in one call, writing a batch of completions at the
+ * shared tail, and the 4-byte wakeup.  Every value read from the ring is
+ * bounds-checked before use.  Layout: reference/tcmu.md §1.2-1.7.
+ */
+#ifndef TCMU_PY_SHIM_H
+#define TCMU_PY_SHIM_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+#define TCMU_PY_CDB_MAX 32
+
+/* descriptor kinds */
+#define TCMU_PY_KIND_CMD 1        /* a well-formed command */
+#define TCMU_PY_KIND_TMR 2        /* a TMR notification (no completion needed) */
+#define TCMU_PY_KIND_MALFORMED 3  /* a CMD entry with a bad CDB or iovec: complete it with UNKNOWN_OP */
+#define TCMU_PY_KIND_UNKNOWN 4    /* unknown entry opcode: flagged UNKNOWN_OP and skipped */
+
+/* reasons for KIND_MALFORMED and for a corrupt ring */
+#define TCMU_PY_BAD_NONE 0
+#define TCMU_PY_BAD_LEN 1         /* entry length 0, not a multiple of 8, or past the ring end */
+#define TCMU_PY_BAD_IOV_CNT 2     /* iovec array does not fit in the entry */
+#define TCMU_PY_BAD_CDB_OFF 3     /* cdb_off outside the entry */
+#define TCMU_PY_BAD_CDB_LEN 4     /* CDB longer than TCMU_PY_CDB_MAX or past the entry */
+#define TCMU_PY_BAD_IOV 5         /* an iovec outside the data area */
+#define TCMU_PY_BAD_TMR 6         /* TMR id list does not fit in the entry */
+
+struct tcmu_py_desc {
+    uint64_t data_len;      /* bytes in the iov_cnt data iovecs (bidi excluded) */
+    uint64_t iov0_off;      /* first iovec, absolute offset in the mapping */
+    uint64_t iov0_len;
+    uint32_t iov_index;     /* first iovec (or TMR id) in the caller's array */
+    uint32_t iov_cnt;       /* data iovecs */
+    uint32_t iov_bidi_cnt;  /* bidi iovecs, following the data iovecs */
+    uint32_t tmr_cnt;       /* TMR: number of ids copied */
+    uint16_t cmd_id;
+    uint8_t kind;
+    uint8_t cdb_len;
+    uint8_t tmr_type;
+    uint8_t bad;            /* TCMU_PY_BAD_* for KIND_MALFORMED */
+    uint8_t pad[2];
+    uint8_t cdb[TCMU_PY_CDB_MAX];
+};
+
+struct tcmu_py_iov {
+    uint64_t off;           /* absolute offset in the mapping */
+    uint64_t len;
+};
+
+struct tcmu_py_comp {
+    uint32_t read_len;
+    uint16_t cmd_id;
+    uint8_t status;         /* SAM status byte */
+    uint8_t uflags;         /* TCMU_UFLAG_* */
+    uint8_t sense_len;      /* 0: leave the sense buffer alone */
+    uint8_t pad[7];
+    uint8_t sense[96];
+};
+
+struct tcmu_py_ring {
+    uint8_t *map;           /* start of the mapping (the mailbox) */
+    uint64_t map_size;
+    uint64_t data_off;      /* start of the data area */
+    uint32_t cmdr_off;
+    uint32_t cmdr_size;
+    uint32_t fetch;         /* private consumer index: next entry to drain */
+    uint32_t n_iov;         /* out: iovecs used by the last drain */
+    uint32_t n_tmr;         /* out: TMR ids used by the last drain */
+    uint32_t corrupt;       /* TCMU_PY_BAD_LEN once the walk cannot go on; cleared by reset */
+    int fd;
+};
+
+/* map/unmap the whole region; 0 or -errno */
+int tcmu_py_map(int fd, uint64_t size, void **out);
+int tcmu_py_unmap(void *addr, uint64_t size);
+
+/* bind a ring to a mapping after checking the mailbox; 0 or -errno */
+int tcmu_py_ring_init(struct tcmu_py_ring *r, void *map, uint64_t map_size, int fd);
+/* after reset_ring: private index back to cmd_head-independent 0 */
+void tcmu_py_ring_reset(struct tcmu_py_ring *r);
+
+uint32_t tcmu_py_load_head(const struct tcmu_py_ring *r);
+uint32_t tcmu_py_load_tail(const struct tcmu_py_ring *r);
+void tcmu_py_store_tail(struct tcmu_py_ring *r, uint32_t tail);
+
+/* drain every new entry (up to the array limits); returns descriptors filled */
+int tcmu_py_drain(struct tcmu_py_ring *r,
+                  struct tcmu_py_desc *d, uint32_t max_d,
+                  struct tcmu_py_iov *iov, uint32_t max_iov,
+                  uint16_t *tmr_ids, uint32_t max_tmr);
+
+/* write n completions at the shared tail, then one release-store; n or -errno */
+int tcmu_py_complete(struct tcmu_py_ring *r, const struct tcmu_py_comp *c, uint32_t n);
+
+/* bytes between the shared tail and the private index still owned by userspace */
+uint32_t tcmu_py_inflight_bytes(const struct tcmu_py_ring *r);
+
+/* the 4-byte wakeup write (kernel: tcmu_irqcontrol); 0 or -errno */
+int tcmu_py_wakeup(int fd);
+/* consume pending 4-byte events without blocking; number read or -errno */
+int tcmu_py_ack(int fd);
+/* poll for an event, releasing the GIL; 1 ready, 0 timeout, -errno */
+int tcmu_py_wait(int fd, int timeout_ms);
+
+#endif

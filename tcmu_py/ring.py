@@ -1,0 +1,220 @@
+"""The userspace side of one TCMU command ring, over a real uio mapping or a simulated one.
+
+A :class:`Ring` drains new entries through the native shim (one C call per batch), turns
+each into a :class:`Command` whose data buffers are zero-copy memoryviews of the mapped
+data area, and queues completions that :meth:`Ring.flush` writes at the shared tail with
+one release-store and one 4-byte wakeup per batch (reference/tcmu.md §1.7-1.8).
+
+Only the event-loop thread may touch a Ring (style.md §7).
+"""
+
+from __future__ import annotations
+
+import struct
+from tcmu_py import _shim
+from tcmu_py._shim import ffi, lib
+
+__all__ = ["Command", "MalformedEntry", "Ring", "TmrEntry"]
+
+# struct tcmu_py_desc, see native/tcmu_shim.h
+_DESC = struct.Struct("<QQQIIIIHBBBB2x32s")
+_IOV = struct.Struct("<QQ")
+assert _DESC.size == _shim.DESC_SIZE and _IOV.size == _shim.IOV_SIZE
+
+_MAX_DESCS = 1024
+_MAX_IOVS = 16384
+_MAX_TMR_IDS = 4096
+_MAX_COMPS = 1024
+
+
+class Command:
+    """One SCSI command fetched from the ring.
+
+    ``cdb`` is a private copy (the ring entry is overwritten by completions);
+    ``iov`` holds memoryviews of the mapping -- the initiator's data, never copied.
+    """
+
+    __slots__ = ("bidi", "cdb", "cmd_id", "data_len", "iov", "state", "t_fetch")
+
+    def __init__(self, cmd_id: int, cdb: bytes, iov: list[memoryview], data_len: int) -> None:
+        self.cmd_id = cmd_id
+        self.cdb = cdb
+        self.iov = iov
+        self.data_len = data_len
+        self.bidi: list[memoryview] = []
+        self.state = 0  # engine-owned: 0 running, 1 aborted
+        self.t_fetch = 0.0
+
+    def __repr__(self) -> str:
+        return f"Command(id={self.cmd_id}, op={self.cdb[0]:#04x}, len={self.data_len})"
+
+
+class TmrEntry:
+    """A task-management notification (§1.5): the ids of aborted commands in the ring."""
+
+    __slots__ = ("cmd_ids", "tmr_type")
+
+    def __init__(self, tmr_type: int, cmd_ids: tuple[int, ...]) -> None:
+        self.tmr_type = tmr_type
+        self.cmd_ids = cmd_ids
+
+
+class MalformedEntry:
+    """A CMD entry the shim refused to decode; it must still be completed (UNKNOWN_OP)."""
+
+    __slots__ = ("cmd_id", "reason")
+
+    def __init__(self, cmd_id: int, reason: str) -> None:
+        self.cmd_id = cmd_id
+        self.reason = reason
+
+
+class Ring:
+    """One device's command ring: drain, complete, wake."""
+
+    def __init__(self, fd: int, map_size: int, *, map_fd: int | None = None) -> None:
+        """``fd`` carries the events (/dev/uioN); ``map_fd`` is mapped, default ``fd``.
+
+        They differ only for the simulated kernel, whose memory is a memfd.
+        """
+        self.fd = fd
+        self.map_size = map_size
+        self._ptr = _shim.map_region(fd if map_fd is None else map_fd, map_size)
+        self._r = ffi.new("struct tcmu_py_ring *")
+        _shim.ring_init(self._r, self._ptr, map_size, fd)
+        self.view = memoryview(ffi.buffer(self._ptr, map_size))
+        self._descs = ffi.new("struct tcmu_py_desc[]", _MAX_DESCS)
+        self._desc_buf = memoryview(ffi.buffer(self._descs))
+        self._iovs = ffi.new("struct tcmu_py_iov[]", _MAX_IOVS)
+        self._iov_buf = memoryview(ffi.buffer(self._iovs))
+        self._tmr_ids = ffi.new("uint16_t[]", _MAX_TMR_IDS)
+        self._comps = ffi.new("struct tcmu_py_comp[]", _MAX_COMPS)
+        self._ncomp = 0
+        self._completed_since_wakeup = False
+        self.wakeups = 0  # 4-byte writes issued (one per batch)
+
+    # -- geometry ----------------------------------------------------------------------
+    @property
+    def cmdr_size(self) -> int:
+        return int(self._r.cmdr_size)
+
+    @property
+    def data_off(self) -> int:
+        return int(self._r.data_off)
+
+    @property
+    def corrupt(self) -> str | None:
+        """Why the ring walk stopped for good (a reset_ring is needed), or None."""
+        bad = int(self._r.corrupt)
+        return _shim.BAD_REASONS.get(bad, "unknown") if bad else None
+
+    def inflight_bytes(self) -> int:
+        return int(lib.tcmu_py_inflight_bytes(self._r))
+
+    # -- events ------------------------------------------------------------------------
+    def ack(self) -> int:
+        """Consume pending kernel notifications (non-blocking)."""
+        return _shim.ack(self.fd)
+
+    def wait(self, timeout_ms: int) -> bool:
+        """Block (GIL released) until the kernel notifies; for loops without asyncio."""
+        return _shim.wait(self.fd, timeout_ms)
+
+    # -- fetch -------------------------------------------------------------------------
+    def drain(self) -> list[Command | TmrEntry | MalformedEntry]:
+        """Every entry the kernel has published since the last drain, in ring order."""
+        out: list[Command | TmrEntry | MalformedEntry] = []
+        append = out.append
+        unpack = _DESC.unpack_from
+        view = self.view
+        descs, iovs, tmr = self._descs, self._iovs, self._tmr_ids
+        r = self._r
+        while True:
+            n = lib.tcmu_py_drain(r, descs, _MAX_DESCS, iovs, _MAX_IOVS, tmr, _MAX_TMR_IDS)
+            buf = self._desc_buf
+            for i in range(n):
+                (dlen, o0, l0, idx, cnt, bidi, tcnt, cmd_id, kind, clen, ttype, bad, cdb) = unpack(
+                    buf, i * 80
+                )
+                if kind == 1:
+                    if cnt == 1:
+                        iov = [view[o0 : o0 + l0]]
+                    elif cnt == 0:
+                        iov = []
+                    else:
+                        iov = self._iov_views(idx, cnt)
+                    cmd = Command(cmd_id, cdb[:clen], iov, dlen)
+                    if bidi:
+                        cmd.bidi = self._iov_views(idx + cnt, bidi)
+                    append(cmd)
+                elif kind == 2:
+                    append(TmrEntry(ttype, tuple(tmr[idx + j] for j in range(tcnt))))
+                elif kind == 3:
+                    append(MalformedEntry(cmd_id, _shim.BAD_REASONS.get(bad, "malformed")))
+                # kind 4 (unknown entry opcode) is flagged by the shim and needs nothing
+            if n < _MAX_DESCS:
+                return out
+
+    def _iov_views(self, idx: int, cnt: int) -> list[memoryview]:
+        view, buf, unpack = self.view, self._iov_buf, _IOV.unpack_from
+        res = []
+        for j in range(idx, idx + cnt):
+            off, ln = unpack(buf, j * 16)
+            res.append(view[off : off + ln])
+        return res
+
+    # -- completion ----------------------------------------------------------------------
+    def complete(
+        self, cmd_id: int, status: int, sense: bytes = b"", read_len: int = 0, uflags: int = 0
+    ) -> None:
+        """Queue one completion; it reaches the ring at the next :meth:`flush`.
+
+        ``read_len`` > 0 sets TCMU_UFLAG_READ_LEN so the kernel reports the residual.
+        """
+        if self._ncomp == _MAX_COMPS:
+            self._write_comps()
+        c = self._comps[self._ncomp]
+        c.cmd_id = cmd_id
+        c.status = status
+        if read_len:
+            c.read_len = read_len
+            c.uflags = uflags | 0x2
+        else:
+            c.read_len = 0
+            c.uflags = uflags
+        if sense:
+            n = min(len(sense), 96)
+            ffi.memmove(c.sense, sense, n)
+            c.sense_len = n
+        else:
+            c.sense_len = 0
+        self._ncomp += 1
+
+    def _write_comps(self) -> None:
+        n = self._ncomp
+        if n:
+            self._ncomp = 0
+            rc = lib.tcmu_py_complete(self._r, self._comps, n)
+            if rc < 0:
+                raise OSError(-rc, "ring completion: more completions than fetched commands")
+            self._completed_since_wakeup = True
+
+    def flush(self) -> bool:
+        """Write queued completions and wake the kernel once; True if a wakeup was sent."""
+        self._write_comps()
+        if self._completed_since_wakeup:
+            self._completed_since_wakeup = False
+            _shim.wakeup(self.fd)
+            self.wakeups += 1
+            return True
+        return False
+
+    def reset(self) -> None:
+        """After the kernel's reset_ring: restart the walk at the (zeroed) shared tail."""
+        self._ncomp = 0
+        lib.tcmu_py_ring_reset(self._r)
+
+    def close(self) -> None:
+        """Drop our references; the mapping goes away once no command view is left."""
+        self.view.release()
+        self._ptr = None
