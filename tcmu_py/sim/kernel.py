@@ -16,6 +16,7 @@ for /dev/uioN.  Notifications travel over a datagram socketpair: unlike an event
 from __future__ import annotations
 
 import collections
+import contextlib
 import mmap
 import os
 import socket
@@ -123,15 +124,16 @@ class SimKernel:
     # -- what the runner gets ------------------------------------------------------------
     @property
     def user_fd(self) -> int:
-        """The runner's "/dev/uioN": mmap-able? no -- use memfd for the map, this for events."""
+        """The runner's end of the notification channel (what /dev/uioN's fd is for events).
+
+        The memory is mapped from ``memfd`` instead."""
         return self.user_sock.fileno()
 
     # -- notification ------------------------------------------------------------------
     def _notify(self) -> None:
-        try:
+        # a full socket means the runner already has unread wakeups: one is as good as many
+        with contextlib.suppress(BlockingIOError):
             self.kernel_sock.send(b"\x01\x00\x00\x00")
-        except BlockingIOError:
-            pass  # the runner already has unread wakeups; one is as good as many
 
     def start(self) -> None:
         """Run the irqcontrol side in a thread: every 4-byte write runs the completion walk."""
@@ -454,9 +456,8 @@ class SimKernel:
                     cmd.aborted = True
                     ids.append(cmd.cmd_id)
                     self._finish(cmd, SimResult(TASK_ABORTED, b"", b""))
-            if self.tmr_notification and not (self.tmr_queue or self._try_queue_tmr(tmr_type, ids)):
-                self.tmr_queue.append((tmr_type, ids))
-            elif self.tmr_notification and self.tmr_queue:
+            # a TMR waits behind earlier ones; otherwise it goes in now if it fits
+            if self.tmr_notification and (self.tmr_queue or not self._try_queue_tmr(tmr_type, ids)):
                 self.tmr_queue.append((tmr_type, ids))
 
     def lun_reset(self) -> None:
@@ -501,8 +502,6 @@ class SimKernel:
         self.stop()
         self.kernel_sock.close()
         self.user_sock.close()
-        try:
+        with contextlib.suppress(BufferError):
             self.mm.close()
-        except BufferError:
-            pass
         os.close(self.memfd)

@@ -68,7 +68,7 @@ def test_entries_never_wrap_a_pad_fills_the_ring_end(make_pair):
         head_before = kernel.head
         pair.submit(read16(i, 1), data_in_len=512, tag=i)
         if kernel.head < head_before and head_before != 0:
-            len_op, cmd_id, _, _ = abi.HDR.unpack_from(kernel.mm, abi.CMDR_OFF + head_before)
+            len_op, _cmd_id, _, _ = abi.HDR.unpack_from(kernel.mm, abi.CMDR_OFF + head_before)
             assert abi.hdr_get_op(len_op) == abi.OP_PAD
             assert abi.hdr_get_len(len_op) == kernel.cmdr_size - head_before
             seen_pad = True

@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""Ring benchmark: a handler served on the simulated kernel, kernel side in its own process.
+
+For each case (handler, QD, block size, read/write) a forked "kernel" process keeps QD
+commands in flight against the runner (the production engine + handler in this
+process) for a fixed time.  Printed per case: commands/s, the runner's CPU µs per
+command (getrusage of this process over the measured window), MB/s on the wall clock,
+MB/s per runner CPU-second, and plain memcpy MB/s of the same size measured in the
+same run, with the ratios.  Ends with one JSON line holding every figure.
+
+    .venv/bin/python bench/ring.py [--seconds 3] [--handlers ram,file-tmpfs,file-disk]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import struct
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from tcmu_py.attach import Geometry, open_device
+from tcmu_py.engine import Engine
+from tcmu_py.ring import Ring
+from tcmu_py.sim.kernel import SimKernel
+
+DEV_SIZE = 256 * 1024 * 1024
+BLOCK = 512
+
+
+def memcpy_mbps(size: int, seconds: float = 0.5) -> float:
+    src = memoryview(bytearray(os.urandom(size)))
+    dst = memoryview(bytearray(size))
+    n = 0
+    t0 = time.perf_counter()
+    while True:
+        for _ in range(64):
+            dst[:] = src
+        n += 64
+        el = time.perf_counter() - t0
+        if el >= seconds:
+            return n * size / el / 1e6
+
+
+def kernel_process(k: SimKernel, qd: int, size: int, write: bool, warmup: float,
+                   seconds: float, report_fd: int) -> None:
+    """The load generator: keep ``qd`` commands in flight, count completions."""
+    nblk = size // BLOCK
+    span = DEV_SIZE // size
+    payload = os.urandom(size) if write else None
+    op = 0x8A if write else 0x88
+    cdbs = [struct.pack(">BBQIBB", op, 0, (i * 7919 % span) * nblk, nblk, 0, 0) for i in range(4096)]
+    state = {"i": 0, "done": 0, "bad": 0, "counting": False}
+
+    def on_done(res: Any) -> None:
+        if res.status:
+            state["bad"] += 1
+        if state["counting"]:
+            state["done"] += 1
+        if not state["stop"]:
+            submit()
+
+    def submit() -> None:
+        i = state["i"] = (state["i"] + 1) & 4095
+        k.queue(cdbs[i], payload, 0 if write else size, on_done)
+
+    state["stop"] = False
+    import select
+
+    poller = select.poll()
+    poller.register(k.kernel_sock, select.POLLIN)
+    for _ in range(qd):
+        submit()
+    t_end_warm = time.monotonic() + warmup
+    while time.monotonic() < t_end_warm:
+        if poller.poll(100):
+            k.irqcontrol()
+    os.write(report_fd, b"S")
+    state["counting"] = True
+    t0 = time.monotonic()
+    t_end = t0 + seconds
+    while time.monotonic() < t_end:
+        if poller.poll(100):
+            k.irqcontrol()
+    el = time.monotonic() - t0
+    state["counting"] = False
+    done = state["done"]
+    os.write(report_fd, b"E" + json.dumps({"done": done, "elapsed": el, "bad": state["bad"]}).encode())
+    state["stop"] = True
+    t_drain = time.monotonic() + 5
+    while k.commands and time.monotonic() < t_drain:
+        if poller.poll(50):
+            k.irqcontrol()
+    os._exit(0)
+
+
+def run_case(handler: str, qd: int, size: int, write: bool, seconds: float,
+             tmpdir: str) -> dict[str, Any]:
+    from tcmu_py.registry import load_handlers
+
+    handlers = load_handlers(None)
+    if handler == "ram":
+        cfg = "ram/"
+    else:
+        where = "/dev/shm" if handler == "file-tmpfs" else tmpdir
+        path = os.path.join(where, f"tcmu-bench-{os.getpid()}.img")
+        cfg = f"file/{path}"
+    k = SimKernel(data_size=256 * 1024 * 1024)
+    r_fd, w_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r_fd)
+        try:
+            kernel_process(k, qd, size, write, 1.0, seconds, w_fd)
+        finally:
+            os._exit(1)
+    os.close(w_fd)
+    loop = asyncio.new_event_loop()
+    engine = Engine(loop)
+    ring = Ring(k.user_fd, k.map_size, map_fd=k.memfd)
+    dev = open_device(engine, ring, handlers, name="bench", dev_config=cfg,
+                      geometry=Geometry(DEV_SIZE, BLOCK, 2048))
+    marks: dict[str, Any] = {}
+
+    def on_report() -> None:
+        data = os.read(r_fd, 65536)
+        while data:
+            c, data = data[:1], data[1:]
+            if c == b"S":
+                marks["s"] = resource.getrusage(resource.RUSAGE_SELF)
+                marks["w0"] = dev.ring.wakeups
+                marks["b0"] = dev.counters["batches"]
+            elif c == b"E":
+                marks["e"] = resource.getrusage(resource.RUSAGE_SELF)
+                marks["w1"] = dev.ring.wakeups
+                marks["b1"] = dev.counters["batches"]
+                marks["result"] = json.loads(data)
+                loop.stop()
+                return
+
+    loop.add_reader(r_fd, on_report)
+    loop.call_later(seconds + 30, loop.stop)
+    loop.run_forever()
+    # let the child drain, then tear down
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        pid_done, _ = os.waitpid(pid, os.WNOHANG)
+        if pid_done:
+            break
+        loop.run_until_complete(asyncio.sleep(0.01))
+    loop.remove_reader(r_fd)
+    engine.detach(dev)
+    dev.handler.close()
+    if dev.pool:
+        dev.pool.shutdown()
+    ring.close()
+    loop.close()
+    k.close()
+    if handler != "ram":
+        os.unlink(path)
+    if "result" not in marks:
+        raise RuntimeError("the kernel process did not report")
+    res = marks["result"]
+    s, e = marks["s"], marks["e"]
+    cpu = (e.ru_utime - s.ru_utime) + (e.ru_stime - s.ru_stime)
+    done = res["done"]
+    return {
+        "handler": handler,
+        "qd": qd,
+        "size": size,
+        "op": "write" if write else "read",
+        "commands": done,
+        "errors": res["bad"],
+        "cmds_per_s": done / res["elapsed"],
+        "runner_cpu_us_per_cmd": cpu / done * 1e6 if done else None,
+        "mb_per_s": done * size / res["elapsed"] / 1e6,
+        "mb_per_runner_cpu_s": done * size / cpu / 1e6 if cpu else None,
+        "cmds_per_batch": done / max(1, marks["b1"] - marks["b0"]),
+        "wakeups_per_batch": (marks["w1"] - marks["w0"]) / max(1, marks["b1"] - marks["b0"]),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--handlers", default="ram")
+    ap.add_argument("--qd", default="1,32")
+    ap.add_argument("--sizes", default="4096,65536")
+    args = ap.parse_args()
+    tmpdir = tempfile.mkdtemp(prefix="tcmu-bench-", dir=os.path.join(os.path.dirname(__file__), ".."))
+    memcpy = {s: memcpy_mbps(s) for s in map(int, args.sizes.split(","))}
+    rows = []
+    t_start = time.monotonic()
+    for handler in args.handlers.split(","):
+        for size in map(int, args.sizes.split(",")):
+            for qd in map(int, args.qd.split(",")):
+                for write in (False, True):
+                    r = run_case(handler, qd, size, write, args.seconds, tmpdir)
+                    r["memcpy_mb_per_s"] = memcpy[size]
+                    r["ratio_wall_vs_memcpy"] = r["mb_per_s"] / memcpy[size]
+                    r["ratio_runner_vs_memcpy"] = (r["mb_per_runner_cpu_s"] or 0) / memcpy[size]
+                    rows.append(r)
+                    print(
+                        f"{handler:10s} {r['op']:5s} {size // 1024:3d}K QD{qd:<3d} "
+                        f"{r['cmds_per_s']:9.0f} cmd/s  {r['runner_cpu_us_per_cmd']:6.2f} us/cmd  "
+                        f"{r['mb_per_s']:8.1f} MB/s wall  {r['mb_per_runner_cpu_s']:8.1f} MB/s per "
+                        f"runner CPU-s  (memcpy {memcpy[size]:.0f} MB/s, ratio "
+                        f"{r['ratio_runner_vs_memcpy']:.2f})  {r['cmds_per_batch']:.1f} cmd/batch  "
+                        f"errors {r['errors']}",
+                        flush=True,
+                    )
+    os.rmdir(tmpdir)
+    print(f"# {len(rows)} cases in {time.monotonic() - t_start:.0f} s")
+    print(json.dumps({"bench": "ring", "rows": rows, "memcpy_mb_per_s": memcpy}))
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
