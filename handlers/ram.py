@@ -112,9 +112,13 @@ class RamHandler(Handler):
             offset += n
 
     def compare_and_write(self, offset: int, compare: bytes, write: bytes) -> None:
-        cur = self._mem[offset : offset + len(compare)]
-        if cur != compare:
-            first = next(i for i in range(len(compare)) if cur[i] != compare[i])
+        # The view is released before raising: the traceback would otherwise keep it,
+        # and an exported view makes close() fail with BufferError.
+        with self._mem[offset : offset + len(compare)] as cur:
+            first = -1 if cur == compare else next(
+                i for i in range(len(compare)) if cur[i] != compare[i]
+            )
+        if first >= 0:
             raise SenseError(SenseKey.MISCOMPARE, 0x1D, 0x00, info=first)
         self._mem[offset : offset + len(write)] = write
 

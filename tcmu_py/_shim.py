@@ -12,13 +12,13 @@ from typing import Any
 from tcmu_py._tcmu_native import ffi, lib
 
 __all__ = [
+    "BAD_REASONS",
     "DESC_SIZE",
     "IOV_SIZE",
     "KIND_CMD",
     "KIND_MALFORMED",
     "KIND_TMR",
     "KIND_UNKNOWN",
-    "BAD_REASONS",
     "ack",
     "ffi",
     "lib",

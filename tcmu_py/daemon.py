@@ -64,6 +64,7 @@ class Runner:
         dev_root: str = "/dev",
         use_netlink: bool = True,
         ring_factory: Callable[[int, int], tuple[int, Ring]] | None = None,
+        exclusive: bool = True,
     ) -> None:
         self.loop = loop
         self.handlers = dict(handlers)
@@ -78,6 +79,11 @@ class Runner:
         self.served: dict[tuple[int, str], Served] = {}
         #: subtypes served by external processes (D-Bus RegisterHandler): not ours to answer
         self.external: set[str] = set()
+        #: True for the host's runner: it owns the module-wide netlink state (block/reset at
+        #: start, SET_FEATURES) and answers every event, failing subtypes nobody serves so no
+        #: configfs write hangs.  False in an external handler process (tcmu_py.external): it
+        #: answers only its own subtypes and leaves the module-wide state alone.
+        self.exclusive = exclusive
         self._events: asyncio.Queue[NetlinkEvent | None] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self.stopping = False
@@ -87,20 +93,26 @@ class Runner:
         """Everything up to serving; ``after_listen`` runs before netlink is unblocked
         (the D-Bus service hooks in there, as tcmu-runner unblocks after owning its name)."""
         blocked = False
-        if self.use_netlink:
+        if self.use_netlink and self.exclusive:
             try:
                 await self._blocking(self.configfs.set_block_netlink, True)
                 await self._blocking(self.configfs.reset_netlink)
                 blocked = True
             except OSError as e:
                 log.warning("could not reset netlink waiters (old kernel?): %s", e)
+        if self.use_netlink:
             self.netlink = TcmuNetlink()
             self.netlink.open()
-            self.netlink.set_features(reply_supported=True)
+            if self.exclusive:
+                self.netlink.set_features(reply_supported=True)
             self.loop.add_reader(self.netlink.fileno(), self._on_netlink)
             self._worker = self.loop.create_task(self._event_worker())
         for info in uio.scan(self.uio_root, self.dev_root):
-            if info.subtype in self.external:
+            if info.subtype in self.external or info.subtype not in self.handlers:
+                # maybe another process's device: re-attaching would reset its live ring
+                log.log(logging.WARNING if self.exclusive else logging.DEBUG,
+                        "%s (uio%d): no handler %r here (an external handler's, or its plugin "
+                        "did not load); left alone", info.dev_name, info.minor, info.subtype)
                 continue
             try:
                 await self._attach(info.hba, info.dev_name, info.cfgstring, info.minor,
@@ -157,6 +169,8 @@ class Runner:
             return -errno.EINVAL
         if name.subtype in self.external:
             return None  # that process answers for its own devices (tcmu-runner #678)
+        if not self.exclusive and name.subtype not in self.handlers:
+            return None  # an external handler process answers only for its own subtype
         if ev.cmd == TcmuCmd.ADDED_DEVICE:
             if self.stopping:
                 return -errno.ESHUTDOWN

@@ -49,14 +49,19 @@ def _sense_bytes(err: m.SenseError) -> bytes:
     return sense_for(err)
 
 
-def _map_exception(exc: BaseException) -> m.SenseError | None:
-    """The one handler-error boundary: None means 'unexpected' (HARDWARE ERROR + log)."""
+_WRITE_SIDE = frozenset({"write", "write_same", "compare_and_write", "unmap", "flush"})
+
+
+def _map_exception(exc: BaseException, what: str = "") -> m.SenseError | None:
+    """The one handler-error boundary: None means 'unexpected' (HARDWARE ERROR + log).
+
+    ``what`` names the handler callback, so EIO becomes a read or a write error."""
     if isinstance(exc, m.SenseError):
         return exc
     if isinstance(exc, OSError) and exc.errno:
         from tcmu_py.scsi import errno_to_sense
 
-        return errno_to_sense(exc.errno)
+        return errno_to_sense(exc.errno, write=what in _WRITE_SIDE)
     return None
 
 
@@ -205,6 +210,8 @@ class Device:
             return h.write_same, (req.offset, req.length, req.pattern, req.unmap), "write_same"
         if t is m.CompareAndWrite:
             return h.compare_and_write, (req.offset, req.compare, req.write), "compare_and_write"
+        if t is m.GetLbaStatus:
+            return h.get_lba_status, (req.offset, req.length), "get_lba_status"
         extra = getattr(h, "handle_request", None)
         if extra is not None:
             return extra, (req,), type(req).__name__
@@ -269,11 +276,15 @@ class Device:
         gen: Generator[Any, Any, m.Result],
         value: Any,
         exc: BaseException | None,
+        what: str = "compound",
     ) -> None:
+        """Drive a compound command: each yielded request runs on the handler, its result
+        (or its failure, mapped to sense) goes back into the generator.  ``what`` is the
+        handler callback that failed, so errors are logged and mapped under its name."""
         while True:
             try:
                 if exc is not None:
-                    mapped = _map_exception(exc)
+                    mapped = _map_exception(exc, what)
                     req = gen.throw(mapped if mapped is not None else exc)
                 else:
                     req = gen.send(value)
@@ -281,7 +292,7 @@ class Device:
                 self._gen_finished(cmd, stop.value if stop.value is not None else m.GOOD)
                 return
             except BaseException as err:  # noqa: BLE001 - a boundary: every failure is answered, never raised
-                self._gen_finished(cmd, None, err)
+                self._gen_finished(cmd, None, err, what)
                 return
             value, exc = None, None
             if type(req) is m.Background:
@@ -289,26 +300,27 @@ class Device:
                 continue
             if self.thread_model == "inline" and req.dev is None:
                 try:
-                    fn, args, _what = self._call(req)
+                    fn, args, what = self._call(req)
                     value = fn(*args)
                 except BaseException as err:  # noqa: BLE001 - a boundary: every failure is answered, never raised
                     exc = err
                 continue
 
-            def _resume(c: Command, v: Any, e: BaseException | None, _w: str, g: Any = gen) -> None:
-                self._run_gen(c, g, v, e)
+            def _resume(c: Command, v: Any, e: BaseException | None, w: str, g: Any = gen) -> None:
+                self._run_gen(c, g, v, e, w)
 
             self._submit(cmd, req, _resume)
             return
 
     def _gen_finished(
-        self, cmd: Command, res: m.Result | None, exc: BaseException | None = None
+        self, cmd: Command, res: m.Result | None, exc: BaseException | None = None,
+        what: str = "compound",
     ) -> None:
         if res is not None:
             self._complete(cmd, res)
         else:
             assert exc is not None
-            self._fail(cmd, exc, "compound")
+            self._fail(cmd, exc, what)
         if cmd.cdb[0] == _CAW_OPCODE:
             if self._caw_waiting:
                 nxt, g = self._caw_waiting.pop(0)
@@ -337,7 +349,7 @@ class Device:
     def _fail(self, cmd: Command, exc: BaseException, what: str) -> None:
         if isinstance(exc, OSError) and exc.errno in RECOVER_ERRNOS and not self.closing:
             self.start_recovery(f"{what}: {exc.strerror or exc}", "conn_lost")
-        err = _map_exception(exc)
+        err = _map_exception(exc, what)
         if err is None:
             key = (type(exc).__name__, what)
             if key not in self._logged:
@@ -510,7 +522,7 @@ def _copy_to_iov(iov: list[memoryview], data: Any) -> int:
 def _import_dispatch() -> Callable[..., Any]:
     from tcmu_py.scsi import dispatch
 
-    return dispatch  # type: ignore[no-any-return]
+    return dispatch
 
 
 class Engine:

@@ -11,6 +11,7 @@ Only the event-loop thread may touch a Ring (style.md §7).
 from __future__ import annotations
 
 import struct
+
 from tcmu_py import _shim
 from tcmu_py._shim import ffi, lib
 

@@ -47,6 +47,8 @@ class FakeHost:
         (d / "attrib/hw_block_size").write_text("512\n")
         (d / "attrib/hw_max_sectors").write_text("128\n")
         (d / "attrib/emulate_write_cache").write_text("0\n")
+        (d / "action/block_dev").write_text("")  # configfs always has the action files
+        (d / "action/reset_ring").write_text("")
         (d / "info").write_text(f"Status: ACTIVATED  Config: {dev_config} Size: {size} "
                                 "MaxDataAreaMB: 1024 DataPagesPerBlk: 1 CmdRingSizeMB: 8\n")
         (d / "wwn/vpd_unit_serial").write_text(f"T10 VPD Unit Serial Number: serial-{name}\n")

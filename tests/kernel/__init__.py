@@ -1,0 +1,1 @@
+"""Kernel tier: runs inside the qemu guest (tests/vm/run-guest-tests.sh)."""
