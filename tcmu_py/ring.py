@@ -20,7 +20,11 @@ __all__ = ["Command", "MalformedEntry", "Ring", "TmrEntry"]
 # struct tcmu_py_desc, see native/tcmu_shim.h
 _DESC = struct.Struct("<QQQIIIIHBBBB2x32s")
 _IOV = struct.Struct("<QQ")
+# struct tcmu_py_comp: read_len, cmd_id, status, uflags, sense_len, 7 pad, sense[96]
+_COMP_HEAD = struct.Struct("<IHBBB")
+_COMP_SIZE = 112
 assert _DESC.size == _shim.DESC_SIZE and _IOV.size == _shim.IOV_SIZE
+assert _COMP_SIZE == ffi.sizeof("struct tcmu_py_comp")
 
 _MAX_DESCS = 1024
 _MAX_IOVS = 16384
@@ -90,6 +94,7 @@ class Ring:
         self._iov_buf = memoryview(ffi.buffer(self._iovs))
         self._tmr_ids = ffi.new("uint16_t[]", _MAX_TMR_IDS)
         self._comps = ffi.new("struct tcmu_py_comp[]", _MAX_COMPS)
+        self._comp_buf = memoryview(ffi.buffer(self._comps))
         self._ncomp = 0
         self._completed_since_wakeup = False
         self.wakeups = 0  # 4-byte writes issued (one per batch)
@@ -174,21 +179,16 @@ class Ring:
         """
         if self._ncomp == _MAX_COMPS:
             self._write_comps()
-        c = self._comps[self._ncomp]
-        c.cmd_id = cmd_id
-        c.status = status
+        # one pack_into per completion: far cheaper than four cffi attribute stores
+        off = self._ncomp * _COMP_SIZE
         if read_len:
-            c.read_len = read_len
-            c.uflags = uflags | 0x2
-        else:
-            c.read_len = 0
-            c.uflags = uflags
+            uflags |= 0x2  # TCMU_UFLAG_READ_LEN
         if sense:
             n = min(len(sense), 96)
-            ffi.memmove(c.sense, sense, n)
-            c.sense_len = n
+            _COMP_HEAD.pack_into(self._comp_buf, off, read_len, cmd_id, status, uflags, n)
+            self._comp_buf[off + 16 : off + 16 + n] = sense[:n]
         else:
-            c.sense_len = 0
+            _COMP_HEAD.pack_into(self._comp_buf, off, read_len, cmd_id, status, uflags, 0)
         self._ncomp += 1
 
     def _write_comps(self) -> None:

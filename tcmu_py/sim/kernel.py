@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
 import mmap
 import os
 import socket
@@ -109,7 +110,7 @@ class SimKernel:
         self.last_cleaned = 0
         self.commands: dict[int, SimCommand] = {}
         self.kept: dict[int, SimCommand] = {}
-        self.free_ids = list(range(1, 0x10000))  # lowest id first, like xa_alloc
+        self.free_ids = list(range(1, 0x10000))  # a heap: lowest id first, like xa_alloc
         self.nblocks = self.data_size // abi.DATA_BLOCK_SIZE
         self.block_free = bytearray(b"\x01") * self.nblocks
         self.free_block_count = self.nblocks
@@ -119,6 +120,10 @@ class SimKernel:
         self.blocked = False
         self.stats = collections.Counter[str]()
         self._thread: threading.Thread | None = None
+        # 6.x kernels plug the submission queue and notify once per batch (§1.8);
+        # completions that queue new commands (qfull, callbacks) are one batch
+        self._plugged = False
+        self._notify_pending = False
         self._stop = False
 
     # -- what the runner gets ------------------------------------------------------------
@@ -131,6 +136,9 @@ class SimKernel:
 
     # -- notification ------------------------------------------------------------------
     def _notify(self) -> None:
+        if self._plugged:
+            self._notify_pending = True  # one wakeup when the batch is done (unplug)
+            return
         # a full socket means the runner already has unread wakeups: one is as good as many
         with contextlib.suppress(BlockingIOError):
             self.kernel_sock.send(b"\x01\x00\x00\x00")
@@ -238,7 +246,7 @@ class SimKernel:
         self._alloc_blocks(nblk, commit=True, blocks=blocks)
         cmd.blocks = blocks
         cmd.iovs = iovs
-        cmd.cmd_id = self.free_ids.pop(0)
+        cmd.cmd_id = heapq.heappop(self.free_ids)
         self.commands[cmd.cmd_id] = cmd
         if cmd.data_out is not None:
             self._copy_out(cmd)
@@ -316,9 +324,7 @@ class SimKernel:
             self._release_id(cmd.cmd_id)
 
     def _release_id(self, cmd_id: int) -> None:
-        import bisect
-
-        bisect.insort(self.free_ids, cmd_id)
+        heapq.heappush(self.free_ids, cmd_id)
 
     def _finish(self, cmd: SimCommand, res: SimResult) -> None:
         self.stats["completed"] += 1
@@ -327,6 +333,17 @@ class SimKernel:
     # -- completion walk (tcmu_handle_completions) ---------------------------------------
     def handle_completions(self) -> int:
         with self.lock:
+            self._plugged = True
+            try:
+                return self._handle_completions()
+            finally:
+                self._plugged = False
+                if self._notify_pending:
+                    self._notify_pending = False
+                    self._notify()
+
+    def _handle_completions(self) -> int:
+        if True:
             if self.broken:
                 return 0
             mm = self.mm
