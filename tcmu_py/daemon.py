@@ -316,6 +316,8 @@ class Runner:
                         return -errno.EOPNOTSUPP
                     await self._blocking(h.reconfig, "size", ev.dev_size)
                     st.num_lbas = n
+                    if dev.info is not None:
+                        dev.info.num_lbas = n  # a later reopen checks the new size
                     from tcmu_py.scsi import add_unit_attention
 
                     add_unit_attention(st, 0x2A, 0x09)  # CAPACITY DATA HAS CHANGED

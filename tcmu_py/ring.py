@@ -24,7 +24,7 @@ _IOV = struct.Struct("<QQ")
 _COMP_HEAD = struct.Struct("<IHBBB")
 _COMP_SIZE = 112
 assert _DESC.size == _shim.DESC_SIZE and _IOV.size == _shim.IOV_SIZE
-assert _COMP_SIZE == ffi.sizeof("struct tcmu_py_comp")
+assert ffi.sizeof("struct tcmu_py_comp") == _COMP_SIZE
 
 _MAX_DESCS = 1024
 _MAX_IOVS = 16384
@@ -97,6 +97,7 @@ class Ring:
         self._comp_buf = memoryview(ffi.buffer(self._comps))
         self._ncomp = 0
         self._completed_since_wakeup = False
+        self._closed = False
         self.wakeups = 0  # 4-byte writes issued (one per batch)
 
     # -- geometry ----------------------------------------------------------------------
@@ -193,6 +194,9 @@ class Ring:
 
     def _write_comps(self) -> None:
         n = self._ncomp
+        if n and self._closed:
+            self._ncomp = 0  # late results after close: the ring is gone, drop them
+            return
         if n:
             self._ncomp = 0
             rc = lib.tcmu_py_complete(self._r, self._comps, n)
@@ -203,7 +207,7 @@ class Ring:
     def flush(self) -> bool:
         """Write queued completions and wake the kernel once; True if a wakeup was sent."""
         self._write_comps()
-        if self._completed_since_wakeup:
+        if self._completed_since_wakeup and not self._closed:
             self._completed_since_wakeup = False
             _shim.wakeup(self.fd)
             self.wakeups += 1
@@ -217,5 +221,7 @@ class Ring:
 
     def close(self) -> None:
         """Drop our references; the mapping goes away once no command view is left."""
+        self._closed = True
+        self._completed_since_wakeup = False
         self.view.release()
         self._ptr = None

@@ -174,7 +174,8 @@ class SimTarget:
         dev = self.device
 
         async def _detach() -> None:
-            await dev.drain_inflight(10)
+            if not await dev.drain_inflight(10):
+                dev.fail_inflight()  # answer BUSY; a late handler result is dropped
             dev.engine.detach(dev)
             dev.ring.flush()
             dev.handler.close()
