@@ -392,7 +392,9 @@ class Device:
         why = self.ring.corrupt
         if ("corrupt", str(why)) not in self._logged:
             self._logged.add(("corrupt", str(why)))
-            log.error("%s: ring walk stopped: %s; the ring needs reset_ring", self.name, why)
+            r = self.ring
+            log.error("%s: ring walk stopped: %s (fetch %d head %d tail %d); the ring needs "
+                      "reset_ring", self.name, why, r.fetch, r.head, r.tail)
         if self.on_corrupt is not None:
             self.on_corrupt(self)
 

@@ -115,6 +115,19 @@ class Ring:
         bad = int(self._r.corrupt)
         return _shim.BAD_REASONS.get(bad, "unknown") if bad else None
 
+    @property
+    def fetch(self) -> int:
+        """Private consumer index: the next entry to drain."""
+        return int(self._r.fetch)
+
+    @property
+    def head(self) -> int:
+        return int(lib.tcmu_py_load_head(self._r))
+
+    @property
+    def tail(self) -> int:
+        return int(lib.tcmu_py_load_tail(self._r))
+
     def inflight_bytes(self) -> int:
         return int(lib.tcmu_py_inflight_bytes(self._r))
 

@@ -103,8 +103,13 @@ class SimKernel:
         self.user_sock.setblocking(False)
         mm = self.mm
         struct.pack_into("<HHII", mm, 0, abi.TCMU_MAILBOX_VERSION, flags, abi.CMDR_OFF, cmdr_size)
-        _U32.pack_into(mm, abi.MB_CMD_HEAD_OFF, 0)
-        _U32.pack_into(mm, abi.MB_CMD_TAIL_OFF, 0)
+        # The indices are shared with another process: struct's little-endian packers
+        # store byte by byte, so a reader could see a torn value.  An item of a native
+        # 'I' memoryview is one aligned 4-byte load or store (x86 keeps stores ordered,
+        # which gives the kernel's store-release / load-acquire pairing).
+        self._mb32 = memoryview(mm).cast("B")[: abi.MAILBOX_SIZE].cast("I")
+        self._set_head(0)
+        self._mb32[abi.MB_CMD_TAIL_OFF // 4] = 0
         self.lock = threading.RLock()
         self.head = 0
         self.last_cleaned = 0
@@ -133,6 +138,10 @@ class SimKernel:
 
         The memory is mapped from ``memfd`` instead."""
         return self.user_sock.fileno()
+
+    def _set_head(self, head: int) -> None:
+        """Publish cmd_head after the entry is written (one 4-byte store)."""
+        self._mb32[abi.MB_CMD_HEAD_OFF // 4] = head
 
     # -- notification ------------------------------------------------------------------
     def _notify(self) -> None:
@@ -259,7 +268,7 @@ class SimKernel:
             _IOV.pack_into(mm, ent + abi.REQ_IOV_OFF + 16 * i, off, ln)
         mm[cdb_off : cdb_off + min(len(cdb), cdb_len)] = cdb[:cdb_len]
         self.head = (head + cmd_size) % size
-        _U32.pack_into(mm, abi.MB_CMD_HEAD_OFF, self.head)  # x86: stores are release-ordered
+        self._set_head(self.head)
         self._notify()
         return True
 
@@ -348,7 +357,7 @@ class SimKernel:
                 return 0
             mm = self.mm
             size = self.cmdr_size
-            tail = _U32.unpack_from(mm, abi.MB_CMD_TAIL_OFF)[0]
+            tail = self._mb32[abi.MB_CMD_TAIL_OFF // 4]
             if tail >= size:
                 self._break(f"cmd_tail {tail} outside the ring")
                 return 0
@@ -440,8 +449,8 @@ class SimKernel:
             for cmd in list(self.kept.values()):
                 self._free_cmd(cmd)
             self.kept.clear()
-            _U32.pack_into(self.mm, abi.MB_CMD_TAIL_OFF, 0)
-            _U32.pack_into(self.mm, abi.MB_CMD_HEAD_OFF, 0)
+            self._mb32[abi.MB_CMD_TAIL_OFF // 4] = 0
+            self._set_head(0)
             self.head = 0
             self.last_cleaned = 0
             self.tmr_queue.clear()
@@ -501,7 +510,7 @@ class SimKernel:
         for i, cid in enumerate(ids):
             _U16.pack_into(mm, ent + abi.TMR_CMD_IDS_OFF + 2 * i, cid)
         self.head = (head + tmr_size) % size
-        _U32.pack_into(mm, abi.MB_CMD_HEAD_OFF, self.head)
+        self._set_head(self.head)
         self._notify()
         return True
 
@@ -512,13 +521,14 @@ class SimKernel:
             ent = abi.CMDR_OFF + self.head
             self.mm[ent : ent + len(raw)] = raw
             self.head = (self.head + max(8, abi.round_up(len(raw), 8))) % self.cmdr_size
-            _U32.pack_into(self.mm, abi.MB_CMD_HEAD_OFF, self.head)
+            self._set_head(self.head)
             self._notify()
 
     def close(self) -> None:
         self.stop()
         self.kernel_sock.close()
         self.user_sock.close()
+        self._mb32.release()
         with contextlib.suppress(BufferError):
             self.mm.close()
         os.close(self.memfd)
