@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -230,6 +231,7 @@ class Runner:
                 raise
             dev = attach.start(self.engine, ring, prepared)
             self._load_alua(dev, hba, name)
+            dev.set_serial_source(functools.partial(c.unit_serial, hba, name))
             dev.on_corrupt = lambda d, h=hba, n=name: self._reset_corrupt(d, h, n)
         except BaseException:
             if fd >= 0:

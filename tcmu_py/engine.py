@@ -94,6 +94,10 @@ class Device:
         self.inflight: dict[int, Command] = {}
         self.on_corrupt = on_corrupt
         self.runner_opts: dict[str, Any] = {}
+        #: re-reads configfs wwn/vpd_unit_serial: rtslib writes it only after enable, i.e.
+        #: after we attached, so an empty serial is looked up again on INQUIRY until set
+        self.refresh_serial: Callable[[], str] | None = None
+        self._serial_pending = False
         self.blocked = False  # recovery: answer BUSY instead of calling the handler
         self.closing = False
         self._flush_scheduled = False
@@ -122,6 +126,8 @@ class Device:
             dispatch, state, handle = self._dispatch, self.state, self._handle
             for ent in entries:
                 if type(ent) is Command:
+                    if self._serial_pending and ent.cdb[0] == 0x12:
+                        self._refresh_serial()
                     handle(ent, dispatch(ent.cdb, ent.iov, ent.data_len, state))
                 elif type(ent) is TmrEntry:
                     self._tmr(ent)
@@ -131,6 +137,20 @@ class Device:
         elif ring.corrupt:
             self._corrupt()
         ring.flush()
+
+    def set_serial_source(self, read: Callable[[], str]) -> None:
+        self.refresh_serial = read
+        self._serial_pending = not self.state.unit_serial
+
+    def _refresh_serial(self) -> None:
+        assert self.refresh_serial is not None
+        try:
+            serial = self.refresh_serial()
+        except OSError:
+            return
+        if serial:
+            self.state.unit_serial = serial
+            self._serial_pending = False
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
