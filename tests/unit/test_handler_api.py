@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import tcmu_py.scsi
 from tcmu_py.handler import (
     HANDLER_API,
     ConfigError,
@@ -325,10 +324,6 @@ def test_an_unexpected_exception_is_one_log_line_and_hardware_error(
     assert record.exc_info is None  # no traceback above debug level
 
 
-@pytest.mark.skipif(
-    not hasattr(tcmu_py.scsi, "errno_to_sense"),
-    reason="the SCSI layer's errno_to_sense is not written yet",
-)
 def test_an_oserror_is_mapped_through_the_scsi_errno_table() -> None:
     sense = exception_to_sense(OSError(errno.EIO, "io"), "file", "read")
     assert sense.key == SenseKey.MEDIUM_ERROR
