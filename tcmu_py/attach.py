@@ -170,15 +170,3 @@ def open_device(
     """:func:`prepare` then :func:`start`, in the calling (loop) thread."""
     p = prepare(handlers, name=name, dev_config=dev_config, geometry=geometry, reopen=reopen)
     return start(engine, ring, p)
-
-
-def describe(dev: Device) -> dict[str, Any]:
-    """A plain summary of a device (status output, logs)."""
-    s = dev.state
-    return {
-        "name": s.name,
-        "cfgstring": s.cfgstring,
-        "size": s.size,
-        "block_size": s.block_size,
-        "thread_model": dev.thread_model,
-    }
