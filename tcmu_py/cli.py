@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     except Fatal as e:
         print(f"tcmu-py-runner: {e}", file=sys.stderr)
         if logs is not None and logs.file is not None:
+            if logs.stderr is not None:  # already printed above: once on the terminal
+                logs.root.removeHandler(logs.stderr)
             logging.getLogger("tcmu_py").critical("%s", e)
         return 1
     except KeyboardInterrupt:
