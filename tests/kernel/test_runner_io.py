@@ -15,7 +15,6 @@ which the module's teardown starts a fresh runner only to delete what is left).
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import re
 import signal
@@ -30,6 +29,7 @@ import pytest
 
 from tcmu_py.control import ConfigFS, bounded_write
 
+from .blockio import read_direct, write_direct
 from .conftest import NAME_PREFIX, OP_TIMEOUT, in_background, kernel_unavailable
 
 pytestmark = [
@@ -185,31 +185,10 @@ def _loopback_disk(wwn: str, lun: int, timeout: float = 60.0) -> str:
     return str(dev)
 
 
-def _read(disk: str, offset: int, length: int) -> bytes:
-    buf = mmap.mmap(-1, length)  # page-aligned, as O_DIRECT wants
-    fd = os.open(disk, os.O_RDONLY | os.O_DIRECT)
-    try:
-        assert os.preadv(fd, [buf], offset) == length
-    finally:
-        os.close(fd)
-    return bytes(buf)
-
-
-def _write(disk: str, offset: int, data: bytes) -> None:
-    buf = mmap.mmap(-1, len(data))
-    buf[:] = data
-    fd = os.open(disk, os.O_RDWR | os.O_DIRECT)
-    try:
-        assert os.pwritev(fd, [buf], offset) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _roundtrip(disk: str, offset: int = 1 << 20) -> None:
     data = os.urandom(64 << 10)
-    _write(disk, offset, data)
-    assert _read(disk, offset, len(data)) == data
+    write_direct(disk, offset, data)
+    assert read_direct(disk, offset, len(data)) == data
 
 
 def _run(*cmd: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
@@ -303,16 +282,16 @@ def test_sg3_utils_command_succeeds(disks: dict[str, str], cmd: tuple[str, ...])
 
 def test_sg_write_same_writes_the_pattern_and_unmap_reads_zeroes(disks: dict[str, str]) -> None:
     dev = disks[FILE]
-    _write(dev, 8192 * 512, os.urandom(32 * 512))
+    write_direct(dev, 8192 * 512, os.urandom(32 * 512))
     res = _run("sg_write_same", "--lba=8192", "--num=32", dev)  # a block of zeroes
     assert res.returncode == 0, _explain(res)
-    assert _read(dev, 8192 * 512, 32 * 512) == bytes(32 * 512)
-    _write(dev, 4096 * 512, os.urandom(64 * 512))
+    assert read_direct(dev, 8192 * 512, 32 * 512) == bytes(32 * 512)
+    write_direct(dev, 4096 * 512, os.urandom(64 * 512))
     res = _run("sg_unmap", "--force", "--lba=4096", "--num=64", dev)
     assert res.returncode == 0, _explain(res)
     vpd = _run("sg_vpd", "--page=lbpv", dev)
     if re.search(r"LBPRZ=[1-7]|Logical block provisioning read zeros \(LBPRZ\)=[1-7]", vpd.stdout):
-        assert _read(dev, 4096 * 512, 64 * 512) == bytes(64 * 512)
+        assert read_direct(dev, 4096 * 512, 64 * 512) == bytes(64 * 512)
 
 
 def test_vpd_unit_serial_is_the_configfs_serial(disks: dict[str, str]) -> None:
@@ -338,18 +317,18 @@ def test_sg_rtpg_answers_as_inquiry_tpgs_says(disks: dict[str, str]) -> None:
 def test_sg_compare_and_write_matches_and_miscompares(disks: dict[str, str], tmp_path: Path) -> None:
     dev, lba = disks[FILE], 2048
     a, b, c = (os.urandom(512) for _ in range(3))
-    _write(dev, lba * 512, a + bytes(4096 - 512))
+    write_direct(dev, lba * 512, a + bytes(4096 - 512))
     match = tmp_path / "match.bin"
     match.write_bytes(a + b)
     res = _run("sg_compare_and_write", f"--in={match}", f"--lba={lba}", "--num=1", dev)
     assert res.returncode == 0, _explain(res)
-    assert _read(dev, lba * 512, 4096)[:512] == b
+    assert read_direct(dev, lba * 512, 4096)[:512] == b
     wrong = tmp_path / "wrong.bin"
     wrong.write_bytes(a + c)  # compares against a, but the disk now holds b
     res = _run("sg_compare_and_write", f"--in={wrong}", f"--lba={lba}", "--num=1", dev)
     assert res.returncode == 14, _explain(res)  # SG_LIB_CAT_MISCOMPARE
     assert "miscompare" in (res.stdout + res.stderr).lower(), _explain(res)
-    assert _read(dev, lba * 512, 4096)[:512] == b  # nothing written
+    assert read_direct(dev, lba * 512, 4096)[:512] == b  # nothing written
 
 
 def test_sg_get_lba_status_answers_cleanly(disks: dict[str, str]) -> None:
@@ -360,7 +339,7 @@ def test_sg_get_lba_status_answers_cleanly(disks: dict[str, str]) -> None:
 
 def test_sg_format_zeroes_a_small_device(disks: dict[str, str], runner: Runner) -> None:
     dev = disks[SMALL]
-    _write(dev, 0, b"\xa5" * 4096)
+    write_direct(dev, 0, b"\xa5" * 4096)
     # --wait: IMMED=0, the command completes when the fill does (sg_format's IMMED polling
     # reports only once a minute)
     res = _run("sg_format", "--format", "--quick", "--wait", dev, timeout=300)
@@ -368,7 +347,7 @@ def test_sg_format_zeroes_a_small_device(disks: dict[str, str], runner: Runner) 
     # evidence only: sg_format printed an empty unit serial and undecodable "LU name" bytes
     evidence = [res] + [_run("sg_vpd", f"--page={p}", dev) for p in ("sn", "di")]
     (runner.logdir / "sg-format-evidence.txt").write_text("\n".join(map(_explain, evidence)))
-    assert _read(dev, 0, 4096) == bytes(4096)
+    assert read_direct(dev, 0, 4096) == bytes(4096)
     cap = _run("sg_readcap", "-l", dev)
     assert cap.returncode == 0 and f"Number of logical blocks={SIZES[SMALL] // 512}" in cap.stdout, \
         _explain(cap)

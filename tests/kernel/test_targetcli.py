@@ -12,7 +12,6 @@ then judge its answers, and push I/O through the LUNs it exported over tcm_loop.
 
 from __future__ import annotations
 
-import mmap
 import os
 import shutil
 import signal
@@ -28,6 +27,7 @@ import pytest
 from tcmu_py.registry import load_handlers
 
 from . import tcli
+from .blockio import read_direct, write_direct
 from .conftest import NAME_PREFIX, OP_TIMEOUT, in_background, kernel_unavailable
 
 pytestmark = [
@@ -258,33 +258,16 @@ def test_the_external_handler_process_serves_its_lun(batch: dict[str, dict[str, 
     assert created["ok"], created
     assert batch[f"/loopback/{WWN}/luns create /backstores/user:extram/{EXT} lun=1"]["ok"]
     disk = _loopback_disk(WWN, 1)
-    assert _read(disk, 0, 4096) == bytes([FILL]) * 4096  # the example's ;fill=171
+    assert read_direct(disk, 0, 4096) == bytes([FILL]) * 4096  # the example's ;fill=171
     data = os.urandom(64 << 10)
     assert _write_read(disk, 1 << 20, data) == data
     assert external.poll() is None
 
 
-def _read(disk: str, offset: int, length: int) -> bytes:
-    buf = mmap.mmap(-1, length)  # page-aligned, as O_DIRECT wants
-    fd = os.open(disk, os.O_RDONLY | os.O_DIRECT)
-    try:
-        assert os.preadv(fd, [buf], offset) == length
-    finally:
-        os.close(fd)
-    return bytes(buf)
-
-
 def _write_read(disk: str, offset: int, data: bytes) -> bytes:
     """Write ``data`` at ``offset`` with O_DIRECT, flush, and read it back."""
-    buf = mmap.mmap(-1, len(data))
-    buf[:] = data
-    fd = os.open(disk, os.O_RDWR | os.O_DIRECT)
-    try:
-        assert os.pwritev(fd, [buf], offset) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return _read(disk, offset, len(data))
+    write_direct(disk, offset, data)
+    return read_direct(disk, offset, len(data))
 
 
 def _loopback_disk(wwn: str, lun: int, timeout: float = 60.0) -> str:
