@@ -6,7 +6,13 @@ commands in flight against the runner (the production engine + handler in this
 process) for a fixed time.  Printed per case: commands/s, the runner's CPU µs per
 command (getrusage of this process over the measured window), MB/s on the wall clock,
 MB/s per runner CPU-second, and plain memcpy MB/s of the same size measured in the
-same run, with the ratios.  Ends with one JSON line holding every figure.
+same run, with the ratios: against a cache-hot memcpy (the same two buffers over and
+over) and against a "spread" memcpy (offsets over a device-sized buffer, as the ram
+disk's own copy sees memory).  Ends with one JSON line holding every figure.
+
+The device is written once before the window (steady state, no first-touch page
+faults); ``--no-native`` turns the ram handler's native path off, to show what the
+Python path alone costs.
 
     .venv/bin/python bench/ring.py [--seconds 3] [--handlers ram,file-tmpfs,file-disk]
 """
@@ -18,6 +24,7 @@ import asyncio
 import json
 import os
 import resource
+import shutil
 import struct
 import sys
 import tempfile
@@ -43,6 +50,25 @@ def memcpy_mbps(size: int, seconds: float = 0.5) -> float:
     while True:
         for _ in range(64):
             dst[:] = src
+        n += 64
+        el = time.perf_counter() - t0
+        if el >= seconds:
+            return n * size / el / 1e6
+
+
+def memcpy_spread_mbps(size: int, seconds: float = 0.5) -> float:
+    """memcpy of ``size`` bytes between a ring-sized buffer and offsets spread over a
+    device-sized one, in the order the load generator uses: the copy the ram disk really
+    does (its data is not in the CPU cache), as opposed to the cache-hot reference."""
+    dev = memoryview(bytearray(b"\x5a" * DEV_SIZE))
+    dst = memoryview(bytearray(size))
+    span = DEV_SIZE // size
+    offs = [(i * 7919 % span) * size for i in range(4096)]
+    n = 0
+    t0 = time.perf_counter()
+    while True:
+        for off in offs[(n & 4095) : (n & 4095) + 64]:
+            dst[:] = dev[off : off + size]
         n += 64
         el = time.perf_counter() - t0
         if el >= seconds:
@@ -101,8 +127,16 @@ def kernel_process(k: SimKernel, qd: int, size: int, write: bool, warmup: float,
     os._exit(0)
 
 
+def prefill(dev: Any) -> None:
+    """Write the whole device once, so the measured window sees steady state: a sparse
+    ram disk or file otherwise pays its first-touch page allocation inside the window."""
+    chunk = memoryview(bytearray(b"\xa5" * (1 << 20)))
+    for off in range(0, DEV_SIZE, len(chunk)):
+        dev.handler.write(off, len(chunk), [chunk], False)
+
+
 def run_case(handler: str, qd: int, size: int, write: bool, seconds: float,
-             tmpdir: str) -> dict[str, Any]:
+             tmpdir: str, native: bool = True) -> dict[str, Any]:
     from tcmu_py.registry import load_handlers
 
     handlers = load_handlers(None)
@@ -113,20 +147,31 @@ def run_case(handler: str, qd: int, size: int, write: bool, seconds: float,
         path = os.path.join(where, f"tcmu-bench-{os.getpid()}.img")
         cfg = f"file/{path}"
     k = SimKernel(data_size=256 * 1024 * 1024)
+    # The kernel process is forked before the device exists (a fork would make every
+    # page of the ram disk copy-on-write in the runner) and starts when told to.
     r_fd, w_fd = os.pipe()
+    go_r, go_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(r_fd)
+        os.close(go_w)
         try:
-            kernel_process(k, qd, size, write, 1.0, seconds, w_fd)
+            if os.read(go_r, 1) == b"g":
+                kernel_process(k, qd, size, write, 1.0, seconds, w_fd)
         finally:
             os._exit(1)
     os.close(w_fd)
+    os.close(go_r)
     loop = asyncio.new_event_loop()
     engine = Engine(loop)
     ring = Ring(k.user_fd, k.map_size, map_fd=k.memfd)
     dev = open_device(engine, ring, handlers, name="bench", dev_config=cfg,
                       geometry=Geometry(DEV_SIZE, BLOCK, 2048))
+    if not native:
+        dev.native_release()
+    prefill(dev)
+    os.write(go_w, b"g")
+    os.close(go_w)
     marks: dict[str, Any] = {}
 
     def on_report() -> None:
@@ -157,6 +202,7 @@ def run_case(handler: str, qd: int, size: int, write: bool, seconds: float,
         loop.run_until_complete(asyncio.sleep(0.01))
     loop.remove_reader(r_fd)
     engine.detach(dev)
+    dev.native_release()
     dev.handler.close()
     if dev.pool:
         dev.pool.shutdown()
@@ -193,32 +239,45 @@ def main() -> int:
     ap.add_argument("--handlers", default="ram")
     ap.add_argument("--qd", default="1,32")
     ap.add_argument("--sizes", default="4096,65536")
+    ap.add_argument("--no-native", action="store_true",
+                    help="serve every command through Python (the ram handler's native path off)")
     args = ap.parse_args()
-    tmpdir = tempfile.mkdtemp(prefix="tcmu-bench-", dir=os.path.join(os.path.dirname(__file__), ".."))
+    tmpdir = tempfile.mkdtemp(prefix="tcmu-bench-", dir="/var/tmp")
+    try:
+        return _run(args, tmpdir)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, tmpdir: str) -> int:
     memcpy = {s: memcpy_mbps(s) for s in map(int, args.sizes.split(","))}
+    spread = {s: memcpy_spread_mbps(s) for s in memcpy}
     rows = []
     t_start = time.monotonic()
     for handler in args.handlers.split(","):
         for size in map(int, args.sizes.split(",")):
             for qd in map(int, args.qd.split(",")):
                 for write in (False, True):
-                    r = run_case(handler, qd, size, write, args.seconds, tmpdir)
+                    r = run_case(handler, qd, size, write, args.seconds, tmpdir, not args.no_native)
                     r["memcpy_mb_per_s"] = memcpy[size]
                     r["ratio_wall_vs_memcpy"] = r["mb_per_s"] / memcpy[size]
                     r["ratio_runner_vs_memcpy"] = (r["mb_per_runner_cpu_s"] or 0) / memcpy[size]
+                    r["memcpy_spread_mb_per_s"] = spread[size]
+                    r["ratio_runner_vs_memcpy_spread"] = (r["mb_per_runner_cpu_s"] or 0) / spread[size]
                     rows.append(r)
                     print(
                         f"{handler:10s} {r['op']:5s} {size // 1024:3d}K QD{qd:<3d} "
                         f"{r['cmds_per_s']:9.0f} cmd/s  {r['runner_cpu_us_per_cmd']:6.2f} us/cmd  "
                         f"{r['mb_per_s']:8.1f} MB/s wall  {r['mb_per_runner_cpu_s']:8.1f} MB/s per "
                         f"runner CPU-s  (memcpy {memcpy[size]:.0f} MB/s, ratio "
-                        f"{r['ratio_runner_vs_memcpy']:.2f})  {r['cmds_per_batch']:.1f} cmd/batch  "
+                        f"{r['ratio_runner_vs_memcpy']:.2f}; spread {spread[size]:.0f} MB/s, ratio "
+                        f"{r['ratio_runner_vs_memcpy_spread']:.2f})  {r['cmds_per_batch']:.1f} cmd/batch  "
                         f"errors {r['errors']}",
                         flush=True,
                     )
-    os.rmdir(tmpdir)
     print(f"# {len(rows)} cases in {time.monotonic() - t_start:.0f} s")
-    print(json.dumps({"bench": "ring", "rows": rows, "memcpy_mb_per_s": memcpy}))
+    print(json.dumps({"bench": "ring", "rows": rows, "memcpy_mb_per_s": memcpy,
+                      "memcpy_spread_mb_per_s": spread}))
     return 1 if any(r["errors"] for r in rows) else 0
 
 

@@ -54,6 +54,8 @@ class RamHandler(Handler):
 
     def _map(self, size: int) -> None:
         self._mm = mmap.mmap(-1, max(size, _PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # a forked child (a helper process) must not turn the disk copy-on-write
+        self._mm.madvise(mmap.MADV_DONTFORK)
         if self._hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
             self._mm.madvise(mmap.MADV_HUGEPAGE)
         self._mem = memoryview(self._mm)
@@ -84,6 +86,12 @@ class RamHandler(Handler):
             mem[offset : offset + n] = b[:n]
             offset += n
             length -= n
+
+    def native_memory(self) -> memoryview:
+        """The mapping itself: the engine serves plain READ/WRITE from it in C (one memcpy
+        per command, no Python call).  It is remapped only by reconfig("size"), and the
+        engine takes it back before that and before close."""
+        return self._mem
 
     def flush(self) -> None:
         """Nothing is cached between the ring and the mapping."""

@@ -293,6 +293,114 @@ out:
     return err ? err : (int)done;
 }
 
+static inline uint64_t be64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = v << 8 | p[i];
+    return v;
+}
+
+static inline uint32_t be32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+/* 1 if served (data moved), 0 if Python must decide */
+static int fast_one(const struct tcmu_py_ring *r, struct tcmu_py_fast *f,
+                    const struct tcmu_py_desc *o, const struct tcmu_py_iov *iov)
+{
+    const uint8_t *cdb = o->cdb;
+    uint64_t lba, nblk, off, len;
+    int write;
+
+    if (o->kind != TCMU_PY_KIND_CMD || o->iov_bidi_cnt)
+        return 0;
+    switch (cdb[0]) {
+    case 0x28: /* READ (10) */
+    case 0x2a: /* WRITE (10) */
+        if (o->cdb_len < 10)
+            return 0;
+        lba = be32(cdb + 2);
+        nblk = (uint32_t)cdb[7] << 8 | cdb[8];
+        break;
+    case 0x88: /* READ (16) */
+    case 0x8a: /* WRITE (16) */
+        if (o->cdb_len < 16)
+            return 0;
+        lba = be64(cdb + 2);
+        nblk = be32(cdb + 10);
+        break;
+    default:
+        return 0;
+    }
+    write = cdb[0] & 0x02;
+    /* only DPO (0x10) and FUA (0x08) may be set: protection bits and the rest are the
+       SCSI layer's to judge */
+    if (cdb[1] & ~0x18u)
+        return 0;
+    if (write && (f->readonly || ((cdb[1] & 0x08) && !f->fua_ok)))
+        return 0;
+    if (nblk == 0 || nblk > f->max_xfer || nblk > f->num_lbas || lba > f->num_lbas - nblk)
+        return 0;
+    len = nblk * f->block_size;
+    if (len != o->data_len)
+        return 0;
+    off = lba * f->block_size;
+    if (o->iov_cnt == 1) {
+        uint8_t *buf = r->map + o->iov0_off;
+        if (write)
+            memcpy(f->mem + off, buf, len);
+        else
+            memcpy(buf, f->mem + off, len);
+    } else {
+        for (uint32_t i = 0; i < o->iov_cnt; i++) {
+            const struct tcmu_py_iov *v = &iov[o->iov_index + i];
+            uint8_t *buf = r->map + v->off;
+            if (write)
+                memcpy(f->mem + off, buf, v->len);
+            else
+                memcpy(buf, f->mem + off, v->len);
+            off += v->len;
+        }
+    }
+    if (write) {
+        f->writes++;
+        f->write_bytes += len;
+    } else {
+        f->reads++;
+        f->read_bytes += len;
+    }
+    return 1;
+}
+
+uint32_t tcmu_py_serve_fast(struct tcmu_py_ring *r, struct tcmu_py_fast *f,
+                            struct tcmu_py_desc *d, uint32_t n,
+                            const struct tcmu_py_iov *iov,
+                            struct tcmu_py_comp *c, uint32_t max_c)
+{
+    uint32_t keep = 0, served = 0, nc = f->n_comp;
+
+    for (uint32_t i = 0; i < n; i++) {
+        if (f->enabled && f->mem && nc < max_c && fast_one(r, f, &d[i], iov)) {
+            struct tcmu_py_comp *cc = &c[nc++];
+            cc->read_len = 0;
+            cc->cmd_id = d[i].cmd_id;
+            cc->status = 0;
+            cc->uflags = 0;
+            cc->sense_len = 0;
+            served++;
+            continue;
+        }
+        if (keep != i)
+            d[keep] = d[i];
+        keep++;
+    }
+    f->n_comp = nc;
+    f->served = served;
+    return keep;
+}
+
 uint32_t tcmu_py_inflight_bytes(const struct tcmu_py_ring *r)
 {
     uint32_t tail = tcmu_py_load_tail(r) % r->cmdr_size;

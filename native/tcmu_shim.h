@@ -97,6 +97,40 @@ int tcmu_py_drain(struct tcmu_py_ring *r,
 /* write n completions at the shared tail, then one release-store; n or -errno */
 int tcmu_py_complete(struct tcmu_py_ring *r, const struct tcmu_py_comp *c, uint32_t n);
 
+/*
+ * The native data path for memory-backed devices.  A handler whose data lives in one
+ * flat mapping (ram) lends it to the engine; plain READ/WRITE (10)/(16) that need no
+ * SCSI decision beyond "in range, length matches, no protection bits" are then served
+ * here, in the drain's batch, without a Python object per command.  Everything else --
+ * errors, sense, edge cases -- stays with the Python SCSI layer, which is the authority:
+ * a command this path is unsure of is left for it untouched.  The engine sets `enabled`
+ * before every batch (off while a unit attention is pending, a format runs, the device
+ * is blocked or closing).
+ */
+struct tcmu_py_fast {
+    uint8_t *mem;           /* the device's data: num_lbas * block_size bytes */
+    uint64_t num_lbas;
+    uint64_t reads;         /* served natively since the start (counters) */
+    uint64_t writes;
+    uint64_t read_bytes;
+    uint64_t write_bytes;
+    uint32_t block_size;
+    uint32_t max_xfer;      /* blocks per command (Block Limits VPD) */
+    uint32_t n_comp;        /* in/out: completions already queued in the caller's array */
+    uint32_t served;        /* out: commands served by the last call */
+    uint8_t enabled;
+    uint8_t readonly;       /* writes go to Python (it answers DATA PROTECT) */
+    uint8_t fua_ok;         /* FUA writes may be served here (nothing volatile to flush) */
+    uint8_t pad[5];
+};
+
+/* serve what it can of d[0..n); GOOD completions are appended at c[f->n_comp], the
+   remaining descriptors are moved to the front in ring order; returns how many remain */
+uint32_t tcmu_py_serve_fast(struct tcmu_py_ring *r, struct tcmu_py_fast *f,
+                            struct tcmu_py_desc *d, uint32_t n,
+                            const struct tcmu_py_iov *iov,
+                            struct tcmu_py_comp *c, uint32_t max_c);
+
 /* bytes between the shared tail and the private index still owned by userspace */
 uint32_t tcmu_py_inflight_bytes(const struct tcmu_py_ring *r);
 

@@ -150,6 +150,7 @@ def start(engine: Engine, ring: Ring, p: Prepared) -> Device:
         dev.cmd_time_out = float(p.runner_opts.get("tcmur_cmd_time_out") or 0)
         state.lookup_by_naa = engine.lookup_by_naa
         engine.add_device(dev)
+        dev.native_acquire()
     except Exception:
         p.inst.close()
         raise

@@ -295,6 +295,7 @@ class Runner:
             n = dev.fail_inflight()
             log.warning("%s: %d command(s) still in the handler; answered BUSY", s.name, n)
         dev.ring.flush()
+        dev.native_release()
         try:
             await self._blocking(dev.handler.close)
         except Exception as e:  # noqa: BLE001 - a boundary: every failure is answered, never raised
@@ -305,6 +306,14 @@ class Runner:
         os.close(s.fd)
 
     async def _reconfig(self, s: Served, ev: NetlinkEvent) -> int:
+        dev = s.device
+        dev.native_release()  # the handler may remap its memory
+        try:
+            return await self._reconfig_handler(s, ev)
+        finally:
+            dev.native_acquire()
+
+    async def _reconfig_handler(self, s: Served, ev: NetlinkEvent) -> int:
         dev = s.device
         h = dev.handler
         st = dev.state

@@ -25,6 +25,7 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 from tcmu_py import abi
+from tcmu_py.handler import implemented
 from tcmu_py.ring import Command, MalformedEntry, Ring, TmrEntry
 from tcmu_py.scsi import _model as m
 
@@ -113,13 +114,24 @@ class Device:
         self.recovering = False
         self.cmd_time_out = 0.0  # ;tcmur_cmd_time_out=N; (0: off)
         self._drained_event = asyncio.Event()
+        #: plain READ/WRITE served in C from memory the handler lent (Device.native_acquire)
+        self.native = False
 
     # -- the ring -------------------------------------------------------------------------
     def on_ready(self) -> None:
         """Loop callback on a ring notification: drain everything, then one wakeup."""
         ring = self.ring
         ring.ack()
+        if self.native:
+            st = self.state
+            ring.native_gate(
+                not (st.pending_ua or st.format_progress is not None or self.blocked or self.closing)
+            )
         entries = ring.drain()
+        if ring.native_served:
+            self.counters["commands"] += ring.native_served
+            if not entries:
+                self.counters["batches"] += 1
         if entries:
             self.counters["batches"] += 1
             self.counters["commands"] += len(entries)
@@ -137,6 +149,30 @@ class Device:
         elif ring.corrupt:
             self._corrupt()
         ring.flush()
+
+    # -- the native data path ----------------------------------------------------------------
+    def native_acquire(self) -> bool:
+        """Lend the handler's memory to the ring if it offers one (see :func:`native_memory`).
+
+        Called after open, reopen and reconfig; :meth:`native_release` must come before the
+        handler closes or remaps that memory."""
+        self.native_release()
+        mem = native_memory(self.handler)
+        if mem is None:
+            return False
+        st = self.state
+        self.native = self.ring.attach_native(
+            mem, st.block_size, st.num_lbas, st.max_xfer_len, st.caps.readonly
+        )
+        if not self.native:
+            log.warning("%s: the handler's memory is smaller than the device; native path off",
+                        self.name)
+        return self.native
+
+    def native_release(self) -> None:
+        if self.native:
+            self.native = False
+            self.ring.attach_native(None, 0, 0, 0, False)
 
     def set_serial_source(self, read: Callable[[], str]) -> None:
         self.refresh_serial = read
@@ -446,6 +482,7 @@ class Device:
         self.fail_inflight(m.Sam.BUSY)
         delay = 1.0
         attempt = 0
+        self.native_release()
         while self.name in self.engine.devices:
             attempt += 1
             try:
@@ -462,6 +499,7 @@ class Device:
                 delay = min(delay * 2, _BACKOFF_MAX_S)
                 continue
             log.info("%s: recovered after %d attempt(s)", self.name, attempt)
+            self.native_acquire()
             break
         self.blocked = False
         self.recovering = False
@@ -502,6 +540,22 @@ class Device:
             n += 1
         self.ring.flush()
         return n
+
+
+def native_memory(handler: Any) -> Any:
+    """The writable buffer holding the whole medium that ``handler`` lends, or None.
+
+    A handler opts in with ``native_memory()`` (docs/handlers.md).  It is honoured only
+    while ``read`` and ``write`` are the ones defined next to it: a subclass or a test
+    that replaces them must see every command, so the native path stays off."""
+    cls = type(handler)
+    if "native_memory" not in implemented(cls):
+        return None
+    owner = next(c for c in cls.__mro__ if "native_memory" in vars(c))
+    for name in ("read", "write"):
+        if name in vars(handler) or getattr(cls, name, None) is not getattr(owner, name, None):
+            return None
+    return handler.native_memory()
 
 
 def _write_then_flush(req: m.Write, can_flush: bool) -> Generator[Any, Any, m.Result]:

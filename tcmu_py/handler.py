@@ -262,6 +262,18 @@ class Handler:
         raise NotImplementedError
 
     @_optional
+    def native_memory(self) -> memoryview:
+        """The medium itself as one writable buffer of at least the device's size.
+
+        The runner then serves plain READ/WRITE (10)/(16) in C straight from it -- one
+        memcpy per command, no Python call -- and calls ``read``/``write`` only for what
+        that path leaves to the SCSI layer.  The buffer must stay valid until ``close``
+        or ``reconfig`` (the runner takes it back before either) and hold nothing
+        volatile: a FUA write to it needs no flush.
+        """
+        raise NotImplementedError
+
+    @_optional
     def report_event(self, event: str) -> None:
         """Be told of an event in :data:`EVENTS` (rbd updates its service status)."""
         raise NotImplementedError
@@ -296,6 +308,7 @@ OPTIONAL_METHODS = (
     "write_same",
     "compare_and_write",
     "reconfig",
+    "native_memory",
     "report_event",
     "lock",
     "unlock",

@@ -11,6 +11,7 @@ Only the event-loop thread may touch a Ring (style.md §7).
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 from tcmu_py import _shim
 from tcmu_py._shim import ffi, lib
@@ -99,6 +100,12 @@ class Ring:
         self._completed_since_wakeup = False
         self._closed = False
         self.wakeups = 0  # 4-byte writes issued (one per batch)
+        # the native data path (see attach_native); off until a handler lends memory
+        self._fast = ffi.new("struct tcmu_py_fast *")
+        self._fast_mem: Any = None  # the cffi buffer keeping the lent memory exported
+        self._fast_len = 0
+        self._fast_on = False
+        self.native_served = 0  # commands served by the native path, last drain
 
     # -- geometry ----------------------------------------------------------------------
     @property
@@ -140,6 +147,51 @@ class Ring:
         """Block (GIL released) until the kernel notifies; for loops without asyncio."""
         return _shim.wait(self.fd, timeout_ms)
 
+    # -- the native data path ------------------------------------------------------------
+    def attach_native(self, mem: Any, block_size: int, num_lbas: int, max_xfer: int,
+                      readonly: bool) -> bool:
+        """Lend the device's memory (a writable buffer of the whole medium) to the shim,
+        which then serves plain READ/WRITE (10)/(16) in the drain's batch, in C.
+
+        ``None`` takes it back -- required before the lender closes or remaps it (an
+        exported buffer cannot be closed).  False if the buffer is too small to hold
+        ``num_lbas`` blocks (the path stays off)."""
+        f = self._fast
+        f.enabled = 0
+        self._fast_on = False
+        f.mem = ffi.NULL
+        if self._fast_mem is not None:
+            ffi.release(self._fast_mem)
+            self._fast_mem = None
+            self._fast_len = 0
+        if mem is None:
+            return True
+        buf = ffi.from_buffer("uint8_t[]", mem, require_writable=True)
+        if len(buf) < num_lbas * block_size:
+            ffi.release(buf)
+            return False
+        self._fast_mem, self._fast_len = buf, len(buf)
+        f.mem = buf
+        f.block_size = block_size
+        f.num_lbas = num_lbas
+        f.max_xfer = min(max_xfer, 0xFFFFFFFF)
+        f.readonly = int(readonly)
+        f.fua_ok = 1  # the lent memory is the medium itself: nothing volatile to flush
+        return True
+
+    def native_gate(self, on: bool) -> None:
+        """Open or close the native path for the next batches (the engine closes it while
+        the SCSI layer must see every command: unit attention, format, recovery)."""
+        on = on and self._fast_mem is not None
+        if on != self._fast_on:
+            self._fast_on = on
+            self._fast.enabled = int(on)
+
+    def native_counts(self) -> tuple[int, int, int, int]:
+        """(reads, writes, read bytes, write bytes) served natively since the start."""
+        f = self._fast
+        return int(f.reads), int(f.writes), int(f.read_bytes), int(f.write_bytes)
+
     # -- fetch -------------------------------------------------------------------------
     def drain(self) -> list[Command | TmrEntry | MalformedEntry]:
         """Every entry the kernel has published since the last drain, in ring order."""
@@ -149,8 +201,17 @@ class Ring:
         view = self.view
         descs, iovs, tmr = self._descs, self._iovs, self._tmr_ids
         r = self._r
+        self.native_served = 0
         while True:
-            n = lib.tcmu_py_drain(r, descs, _MAX_DESCS, iovs, _MAX_IOVS, tmr, _MAX_TMR_IDS)
+            got = n = lib.tcmu_py_drain(r, descs, _MAX_DESCS, iovs, _MAX_IOVS, tmr, _MAX_TMR_IDS)
+            if self._fast_on and n:
+                if self._ncomp + n > _MAX_COMPS:
+                    self._write_comps()
+                f = self._fast
+                f.n_comp = self._ncomp
+                n = lib.tcmu_py_serve_fast(r, f, descs, n, iovs, self._comps, _MAX_COMPS)
+                self._ncomp = f.n_comp
+                self.native_served += got - n
             buf = self._desc_buf
             for i in range(n):
                 (dlen, o0, l0, idx, cnt, bidi, tcnt, cmd_id, kind, clen, ttype, bad, cdb) = unpack(
@@ -172,7 +233,7 @@ class Ring:
                 elif kind == 3:
                     append(MalformedEntry(cmd_id, _shim.BAD_REASONS.get(bad, "malformed")))
                 # kind 4 (unknown entry opcode) is flagged by the shim and needs nothing
-            if n < _MAX_DESCS:
+            if got < _MAX_DESCS:
                 return out
 
     def _iov_views(self, idx: int, cnt: int) -> list[memoryview]:
@@ -236,5 +297,6 @@ class Ring:
         """Drop our references; the mapping goes away once no command view is left."""
         self._closed = True
         self._completed_since_wakeup = False
+        self.attach_native(None, 0, 0, 0, False)
         self.view.release()
         self._ptr = None

@@ -178,6 +178,7 @@ class SimTarget:
                 dev.fail_inflight()  # answer BUSY; a late handler result is dropped
             dev.engine.detach(dev)
             dev.ring.flush()
+            dev.native_release()
             dev.handler.close()
             if dev.pool is not None:
                 dev.pool.shutdown(wait=False)
