@@ -192,6 +192,11 @@ class FileHandler(Handler):
     def flush(self) -> None:
         os.fdatasync(self._fd)
 
+    def native_fd(self) -> tuple[int, bool]:
+        """The runner's C threads then serve plain READ/WRITE on the image directly
+        (the same preadv/pwritev and fdatasync rules as :meth:`read`/:meth:`write`)."""
+        return self._fd, self._write_through
+
     # --- thin provisioning --------------------------------------------------------------
 
     def can_unmap(self) -> bool:

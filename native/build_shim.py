@@ -32,7 +32,7 @@ def _cdef(text: str) -> str:
         lines.append(line)
     out = "\n".join(lines)
     # array sizes given by macros must be spelled out for cdef
-    return out.replace("[TCMU_PY_CDB_MAX]", "[32]")
+    return out.replace("[TCMU_PY_CDB_MAX]", "[32]").replace("[TCMU_PY_HIST]", "[32]")
 
 
 ffibuilder = FFI()

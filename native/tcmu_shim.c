@@ -7,13 +7,23 @@
  * overwrite it, and complete out of order by writing cmd_id + response into whatever
  * CMD entry sits at the shared cmd_tail, followed by one release-store of the tail.
  */
+#define _GNU_SOURCE /* IOV_MAX, preadv */
 #include "tcmu_shim.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
+
+#ifndef IOV_MAX
+#define IOV_MAX 1024
+#endif
 
 /* mailbox offsets (§1.2) */
 #define MB_VERSION 0
@@ -347,6 +357,8 @@ static int fast_one(const struct tcmu_py_ring *r, struct tcmu_py_fast *f,
     if (len != o->data_len)
         return 0;
     off = lba * f->block_size;
+    if (!f->mem)
+        return 2; /* the fd path: the caller queues it */
     if (o->iov_cnt == 1) {
         uint8_t *buf = r->map + o->iov0_off;
         if (write)
@@ -374,31 +386,375 @@ static int fast_one(const struct tcmu_py_ring *r, struct tcmu_py_fast *f,
     return 1;
 }
 
+/* ---- the fd path: worker threads ------------------------------------------------------ */
+
+#define JOB_INLINE_IOV 4
+#define AIO_MAX_THREADS 64
+
+struct tcmu_py_job {
+    struct tcmu_py_job *next;
+    uint64_t off;
+    uint64_t len;
+    uint64_t t0_ns;
+    struct iovec *iov;
+    int32_t err;
+    uint32_t iov_cnt;
+    uint16_t cmd_id;
+    uint8_t write;
+    uint8_t fua;
+    struct iovec iov_inline[JOB_INLINE_IOV];
+};
+
+struct tcmu_py_aio {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    struct tcmu_py_job *q_head, *q_tail; /* queued, workers take from the head */
+    struct tcmu_py_job *d_head, *d_tail; /* done, the loop thread reaps */
+    struct tcmu_py_job *free_list;       /* loop thread only */
+    int stop;
+    int fd;
+    int efd;
+    int write_through;
+    uint32_t nthreads;
+    pthread_t threads[AIO_MAX_THREADS];
+};
+
+static inline uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static inline void hist_add(struct tcmu_py_fast *f, uint64_t ns)
+{
+    uint64_t us = ns / 1000;
+    uint32_t b = us ? 64 - (uint32_t)__builtin_clzll(us) : 0;
+    f->hist[b < TCMU_PY_HIST ? b : TCMU_PY_HIST - 1]++;
+}
+
+static int32_t job_run(const struct tcmu_py_aio *a, struct tcmu_py_job *j)
+{
+    struct iovec *v = j->iov;
+    uint32_t cnt = j->iov_cnt;
+    uint64_t off = j->off, left = j->len;
+
+    while (left) {
+        int nv = cnt > IOV_MAX ? IOV_MAX : (int)cnt;
+        ssize_t n = j->write ? pwritev(a->fd, v, nv, (off_t)off) : preadv(a->fd, v, nv, (off_t)off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (n == 0)
+            return EIO; /* end of file: the image shrank behind our back */
+        off += (uint64_t)n;
+        left -= (uint64_t)n;
+        while (n > 0 && cnt) { /* a short transfer: go on where it stopped */
+            if ((size_t)n >= v->iov_len) {
+                n -= (ssize_t)v->iov_len;
+                v++;
+                cnt--;
+            } else {
+                v->iov_base = (uint8_t *)v->iov_base + n;
+                v->iov_len -= (size_t)n;
+                n = 0;
+            }
+        }
+    }
+    if (j->write && (j->fua || a->write_through) && fdatasync(a->fd) < 0)
+        return errno;
+    return 0;
+}
+
+static void *aio_worker(void *arg)
+{
+    struct tcmu_py_aio *a = arg;
+
+    pthread_mutex_lock(&a->mu);
+    for (;;) {
+        struct tcmu_py_job *j;
+        while (!a->q_head && !a->stop)
+            pthread_cond_wait(&a->cv, &a->mu);
+        j = a->q_head;
+        if (!j)
+            break; /* stopping, and nothing is left to run */
+        a->q_head = j->next;
+        if (!a->q_head)
+            a->q_tail = NULL;
+        pthread_mutex_unlock(&a->mu);
+        j->err = job_run(a, j);
+        pthread_mutex_lock(&a->mu);
+        j->next = NULL;
+        if (a->d_tail) {
+            a->d_tail->next = j;
+        } else {
+            /* the list was empty: the loop needs one wakeup for everything that follows */
+            uint64_t one = 1;
+            a->d_head = j;
+            if (write(a->efd, &one, 8) < 0) { /* EAGAIN: a wakeup is pending anyway */ }
+        }
+        a->d_tail = j;
+    }
+    pthread_mutex_unlock(&a->mu);
+    return NULL;
+}
+
+int tcmu_py_aio_start(struct tcmu_py_fast *f, int fd, int efd, uint32_t nthreads,
+                      uint8_t write_through)
+{
+    struct tcmu_py_aio *a;
+    uint32_t i;
+
+    if (f->aio)
+        return -EBUSY;
+    if (nthreads == 0 || nthreads > AIO_MAX_THREADS)
+        return -EINVAL;
+    a = calloc(1, sizeof(*a));
+    if (!a)
+        return -ENOMEM;
+    pthread_mutex_init(&a->mu, NULL);
+    pthread_cond_init(&a->cv, NULL);
+    a->fd = fd;
+    a->efd = efd;
+    a->write_through = write_through;
+    for (i = 0; i < nthreads; i++) {
+        int rc = pthread_create(&a->threads[i], NULL, aio_worker, a);
+        if (rc) {
+            a->nthreads = i;
+            f->aio = a;
+            tcmu_py_aio_stop(f);
+            tcmu_py_aio_free(f);
+            return -rc;
+        }
+    }
+    a->nthreads = nthreads;
+    f->aio = a;
+    return 0;
+}
+
+void tcmu_py_aio_stop(struct tcmu_py_fast *f)
+{
+    struct tcmu_py_aio *a = f->aio;
+    uint32_t i;
+
+    if (!a)
+        return;
+    pthread_mutex_lock(&a->mu);
+    a->stop = 1;
+    pthread_cond_broadcast(&a->cv);
+    pthread_mutex_unlock(&a->mu);
+    for (i = 0; i < a->nthreads; i++)
+        pthread_join(a->threads[i], NULL);
+    a->nthreads = 0;
+}
+
+static void job_free(struct tcmu_py_job *j)
+{
+    if (j->iov != j->iov_inline)
+        free(j->iov);
+    free(j);
+}
+
+void tcmu_py_aio_free(struct tcmu_py_fast *f)
+{
+    struct tcmu_py_aio *a = f->aio;
+    struct tcmu_py_job *lists[3], *j;
+
+    if (!a)
+        return;
+    lists[0] = a->q_head;
+    lists[1] = a->d_head;
+    lists[2] = a->free_list;
+    for (int k = 0; k < 3; k++) {
+        while ((j = lists[k])) {
+            lists[k] = j->next;
+            job_free(j);
+        }
+    }
+    pthread_cond_destroy(&a->cv);
+    pthread_mutex_destroy(&a->mu);
+    free(a);
+    f->aio = NULL;
+}
+
+/* a job for descriptor o, or NULL (no memory: Python serves the command instead) */
+static struct tcmu_py_job *job_new(struct tcmu_py_aio *a, const struct tcmu_py_ring *r,
+                                   const struct tcmu_py_desc *o, const struct tcmu_py_iov *iov,
+                                   uint64_t off, uint64_t t0)
+{
+    struct tcmu_py_job *j = a->free_list;
+
+    if (j) {
+        a->free_list = j->next;
+    } else {
+        j = malloc(sizeof(*j));
+        if (!j)
+            return NULL;
+    }
+    j->iov = j->iov_inline;
+    if (o->iov_cnt > JOB_INLINE_IOV) {
+        j->iov = malloc(sizeof(struct iovec) * o->iov_cnt);
+        if (!j->iov) {
+            j->iov = j->iov_inline;
+            j->next = a->free_list;
+            a->free_list = j;
+            return NULL;
+        }
+    }
+    if (o->iov_cnt == 1) {
+        j->iov[0].iov_base = r->map + o->iov0_off;
+        j->iov[0].iov_len = o->iov0_len;
+    } else {
+        for (uint32_t i = 0; i < o->iov_cnt; i++) {
+            j->iov[i].iov_base = r->map + iov[o->iov_index + i].off;
+            j->iov[i].iov_len = iov[o->iov_index + i].len;
+        }
+    }
+    j->next = NULL;
+    j->off = off;
+    j->len = o->data_len;
+    j->t0_ns = t0;
+    j->err = 0;
+    j->iov_cnt = o->iov_cnt;
+    j->cmd_id = o->cmd_id;
+    j->write = (o->cdb[0] & 0x02) != 0;
+    j->fua = j->write && (o->cdb[1] & 0x08);
+    return j;
+}
+
 uint32_t tcmu_py_serve_fast(struct tcmu_py_ring *r, struct tcmu_py_fast *f,
                             struct tcmu_py_desc *d, uint32_t n,
                             const struct tcmu_py_iov *iov,
                             struct tcmu_py_comp *c, uint32_t max_c)
 {
-    uint32_t keep = 0, served = 0, nc = f->n_comp;
+    uint32_t keep = 0, served = 0, nc = f->n_comp, queued = 0;
+    struct tcmu_py_job *qh = NULL, *qt = NULL;
+    uint64_t t0 = now_ns();
 
     for (uint32_t i = 0; i < n; i++) {
-        if (f->enabled && f->mem && nc < max_c && fast_one(r, f, &d[i], iov)) {
-            struct tcmu_py_comp *cc = &c[nc++];
-            cc->read_len = 0;
-            cc->cmd_id = d[i].cmd_id;
-            cc->status = 0;
-            cc->uflags = 0;
-            cc->sense_len = 0;
-            served++;
-            continue;
+        const struct tcmu_py_desc *o = &d[i];
+        if (f->enabled && (f->mem || f->aio)) {
+            if (f->mem) {
+                if (nc < max_c && fast_one(r, f, o, iov)) {
+                    struct tcmu_py_comp *cc = &c[nc++];
+                    cc->read_len = 0;
+                    cc->cmd_id = o->cmd_id;
+                    cc->status = 0;
+                    cc->uflags = 0;
+                    cc->sense_len = 0;
+                    hist_add(f, now_ns() - t0);
+                    served++;
+                    continue;
+                }
+            } else if (fast_one(r, f, o, iov) == 2) {
+                const uint8_t *cdb = o->cdb;
+                uint64_t lba = (cdb[0] == 0x28 || cdb[0] == 0x2a) ? be32(cdb + 2) : be64(cdb + 2);
+                struct tcmu_py_job *j = job_new(f->aio, r, o, iov, lba * f->block_size, t0);
+                if (j) {
+                    if (qt)
+                        qt->next = j;
+                    else
+                        qh = j;
+                    qt = j;
+                    queued++;
+                    served++;
+                    continue;
+                }
+            }
         }
         if (keep != i)
             d[keep] = d[i];
         keep++;
     }
+    if (qh) {
+        struct tcmu_py_aio *a = f->aio;
+        f->inflight += queued;
+        pthread_mutex_lock(&a->mu);
+        if (a->q_tail)
+            a->q_tail->next = qh;
+        else
+            a->q_head = qh;
+        a->q_tail = qt;
+        if (queued == 1)
+            pthread_cond_signal(&a->cv);
+        else
+            pthread_cond_broadcast(&a->cv);
+        pthread_mutex_unlock(&a->mu);
+    }
     f->n_comp = nc;
     f->served = served;
     return keep;
+}
+
+uint32_t tcmu_py_aio_reap(struct tcmu_py_fast *f, struct tcmu_py_comp *c, uint32_t max_c,
+                          struct tcmu_py_fail *fails, uint32_t max_f)
+{
+    struct tcmu_py_aio *a = f->aio;
+    struct tcmu_py_job *list, *j;
+    uint32_t nc = f->n_comp, nf = 0, taken = 0;
+    uint64_t now;
+
+    f->served = 0;
+    if (!a)
+        return 0;
+    pthread_mutex_lock(&a->mu);
+    list = a->d_head;
+    a->d_head = a->d_tail = NULL;
+    pthread_mutex_unlock(&a->mu);
+    now = now_ns();
+    while ((j = list)) {
+        if (j->err == 0 ? nc >= max_c : nf >= max_f) {
+            /* no room: the rest goes back in front, and the loop is told to come back */
+            struct tcmu_py_job *t = list;
+            uint64_t one = 1;
+            while (t->next)
+                t = t->next;
+            pthread_mutex_lock(&a->mu);
+            t->next = a->d_head;
+            if (!a->d_head)
+                a->d_tail = t;
+            a->d_head = list;
+            if (write(a->efd, &one, 8) < 0) { /* a wakeup is pending anyway */ }
+            pthread_mutex_unlock(&a->mu);
+            break;
+        }
+        list = j->next;
+        if (j->err == 0) {
+            struct tcmu_py_comp *cc = &c[nc++];
+            cc->read_len = 0;
+            cc->cmd_id = j->cmd_id;
+            cc->status = 0;
+            cc->uflags = 0;
+            cc->sense_len = 0;
+            if (j->write) {
+                f->writes++;
+                f->write_bytes += j->len;
+            } else {
+                f->reads++;
+                f->read_bytes += j->len;
+            }
+        } else {
+            fails[nf].err = j->err;
+            fails[nf].cmd_id = j->cmd_id;
+            fails[nf].write = j->write;
+            nf++;
+            f->errors++;
+        }
+        hist_add(f, now - j->t0_ns);
+        f->inflight--;
+        taken++;
+        if (j->iov != j->iov_inline) {
+            free(j->iov);
+            j->iov = j->iov_inline;
+        }
+        j->next = a->free_list;
+        a->free_list = j;
+    }
+    f->n_comp = nc;
+    f->served = taken;
+    return nf;
 }
 
 uint32_t tcmu_py_inflight_bytes(const struct tcmu_py_ring *r)

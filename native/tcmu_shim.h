@@ -106,14 +106,26 @@ int tcmu_py_complete(struct tcmu_py_ring *r, const struct tcmu_py_comp *c, uint3
  * a command this path is unsure of is left for it untouched.  The engine sets `enabled`
  * before every batch (off while a unit attention is pending, a format runs, the device
  * is blocked or closing).
+ *
+ * Two kinds of medium: memory (`mem`: the data is copied in the batch and completed at
+ * once) or a file descriptor (`aio`, see tcmu_py_aio_start: the batch queues jobs that
+ * worker threads run with preadv/pwritev, and tcmu_py_aio_reap completes them).
  */
+struct tcmu_py_aio;         /* opaque: the worker threads of one fd-backed device */
+
+#define TCMU_PY_HIST 32
+
 struct tcmu_py_fast {
     uint8_t *mem;           /* the device's data: num_lbas * block_size bytes */
+    struct tcmu_py_aio *aio;  /* or: a file descriptor served by worker threads */
     uint64_t num_lbas;
     uint64_t reads;         /* served natively since the start (counters) */
     uint64_t writes;
     uint64_t read_bytes;
     uint64_t write_bytes;
+    uint64_t errors;        /* fd jobs that failed (handed to Python for the sense) */
+    uint64_t inflight;      /* fd jobs queued and not yet reaped */
+    uint64_t hist[TCMU_PY_HIST];  /* latency from the drain to completion, log2 us buckets */
     uint32_t block_size;
     uint32_t max_xfer;      /* blocks per command (Block Limits VPD) */
     uint32_t n_comp;        /* in/out: completions already queued in the caller's array */
@@ -130,6 +142,28 @@ uint32_t tcmu_py_serve_fast(struct tcmu_py_ring *r, struct tcmu_py_fast *f,
                             struct tcmu_py_desc *d, uint32_t n,
                             const struct tcmu_py_iov *iov,
                             struct tcmu_py_comp *c, uint32_t max_c);
+
+/* a job of the fd path that failed: Python completes it with the errno's sense */
+struct tcmu_py_fail {
+    int32_t err;            /* errno */
+    uint16_t cmd_id;
+    uint8_t write;
+    uint8_t pad;
+};
+
+/* start `nthreads` workers serving f's READ/WRITE on `fd`; each finished batch is
+   signalled by an 8-byte write to the eventfd `efd`.  `write_through`: fdatasync after
+   every write (no volatile cache), as FUA writes always get.  0 or -errno */
+int tcmu_py_aio_start(struct tcmu_py_fast *f, int fd, int efd, uint32_t nthreads,
+                      uint8_t write_through);
+/* stop the workers once every queued job has run (joins them); jobs still to reap stay */
+void tcmu_py_aio_stop(struct tcmu_py_fast *f);
+/* free what aio_start allocated (after aio_stop and a last reap) */
+void tcmu_py_aio_free(struct tcmu_py_fast *f);
+/* move finished jobs: successes become GOOD completions at c[f->n_comp], failures go to
+   `fails`; f->served = jobs taken; returns the number of failures */
+uint32_t tcmu_py_aio_reap(struct tcmu_py_fast *f, struct tcmu_py_comp *c, uint32_t max_c,
+                          struct tcmu_py_fail *fails, uint32_t max_f);
 
 /* bytes between the shared tail and the private index still owned by userspace */
 uint32_t tcmu_py_inflight_bytes(const struct tcmu_py_ring *r);

@@ -307,7 +307,7 @@ class Runner:
 
     async def _reconfig(self, s: Served, ev: NetlinkEvent) -> int:
         dev = s.device
-        dev.native_release()  # the handler may remap its memory
+        await dev.native_quiesce()  # the handler may remap or reopen its medium
         try:
             return await self._reconfig_handler(s, ev)
         finally:

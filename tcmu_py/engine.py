@@ -20,6 +20,7 @@ import concurrent.futures
 import contextlib
 import errno
 import logging
+import os
 import time
 from collections.abc import Callable, Generator
 from typing import Any
@@ -114,8 +115,10 @@ class Device:
         self.recovering = False
         self.cmd_time_out = 0.0  # ;tcmur_cmd_time_out=N; (0: off)
         self._drained_event = asyncio.Event()
-        #: plain READ/WRITE served in C from memory the handler lent (Device.native_acquire)
+        #: plain READ/WRITE served in C from the medium the handler lent (native_acquire)
         self.native = False
+        self.native_gate_hold = False
+        self.threads = threads
 
     # -- the ring -------------------------------------------------------------------------
     def on_ready(self) -> None:
@@ -125,7 +128,8 @@ class Device:
         if self.native:
             st = self.state
             ring.native_gate(
-                not (st.pending_ua or st.format_progress is not None or self.blocked or self.closing)
+                not (st.pending_ua or st.format_progress is not None or self.blocked
+                     or self.closing or self.native_gate_hold)
             )
         entries = ring.drain()
         if ring.native_served:
@@ -152,27 +156,78 @@ class Device:
 
     # -- the native data path ----------------------------------------------------------------
     def native_acquire(self) -> bool:
-        """Lend the handler's memory to the ring if it offers one (see :func:`native_memory`).
+        """Give the ring the handler's medium if it lends one (:func:`native_medium`):
+        memory is copied in the batch, an fd is served by C worker threads.
 
-        Called after open, reopen and reconfig; :meth:`native_release` must come before the
-        handler closes or remaps that memory."""
+        Called after open, reopen and reconfig; :meth:`native_release` (or
+        :meth:`native_quiesce`) must come before the handler closes or changes it."""
         self.native_release()
-        mem = native_memory(self.handler)
-        if mem is None:
+        kind, medium = native_medium(self.handler)
+        if kind is None:
             return False
         st = self.state
-        self.native = self.ring.attach_native(
-            mem, st.block_size, st.num_lbas, st.max_xfer_len, st.caps.readonly
-        )
-        if not self.native:
-            log.warning("%s: the handler's memory is smaller than the device; native path off",
-                        self.name)
-        return self.native
+        geo = (st.block_size, st.num_lbas, st.max_xfer_len, st.caps.readonly)
+        if kind == "memory":
+            self.native = self.ring.attach_native(medium, *geo)
+            if not self.native:
+                log.warning("%s: the handler's memory is smaller than the device; native path off",
+                            self.name)
+            return self.native
+        fd, write_through = medium
+        try:
+            efd = self.ring.attach_native_fd(fd, max(1, self.threads), write_through, *geo)
+        except OSError as e:
+            log.warning("%s: native I/O threads unavailable (%s); serving through Python",
+                        self.name, e)
+            return False
+        self.loop.add_reader(efd, self._on_native_done)
+        self.native = True
+        return True
 
     def native_release(self) -> None:
-        if self.native:
-            self.native = False
-            self.ring.attach_native(None, 0, 0, 0, False)
+        """Take the medium back now.  With fd jobs still running this waits for them
+        (it joins the workers): await :meth:`native_quiesce` instead where possible."""
+        if not self.native:
+            return
+        self.native = False
+        efd = self.ring.native_efd
+        if efd >= 0:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(efd)
+        self._native_failed(self.ring.native_detach())
+        self.ring.flush()
+
+    async def native_quiesce(self, timeout: float = 30.0) -> None:
+        """Stop giving commands to the native path, wait for its fd jobs, release it."""
+        if not self.native:
+            return
+        self.ring.native_gate(False)
+        self.native_gate_hold = True
+        try:
+            deadline = self.loop.time() + timeout
+            while self.ring.native_inflight and self.loop.time() < deadline:
+                await asyncio.sleep(0.002)
+            if self.ring.native_inflight:
+                log.warning("%s: %d native I/O(s) still running after %.0f s; waiting for them",
+                            self.name, self.ring.native_inflight, timeout)
+            self.native_release()
+        finally:
+            self.native_gate_hold = False
+
+    def _on_native_done(self) -> None:
+        """Loop callback: fd jobs finished -- complete them, one wakeup for all."""
+        ring = self.ring
+        fails = ring.native_reap()
+        if fails:
+            self._native_failed(fails)
+        ring.flush()
+        if self.closing and not self.inflight and not ring.native_inflight:
+            self._drained_event.set()
+
+    def _native_failed(self, fails: list[tuple[int, int, bool]]) -> None:
+        for cmd_id, err, write in fails:
+            what = "write" if write else "read"
+            self._fail(Command(cmd_id, b"", [], 0), OSError(err, os.strerror(err)), what)
 
     def set_serial_source(self, read: Callable[[], str]) -> None:
         self.refresh_serial = read
@@ -482,7 +537,7 @@ class Device:
         self.fail_inflight(m.Sam.BUSY)
         delay = 1.0
         attempt = 0
-        self.native_release()
+        await self.native_quiesce()
         while self.name in self.engine.devices:
             attempt += 1
             try:
@@ -522,7 +577,7 @@ class Device:
     async def drain_inflight(self, timeout: float) -> bool:
         """Wait until every in-flight handler call has returned (True) or time ran out."""
         self.closing = True
-        if not self.inflight:
+        if not self.inflight and not self.ring.native_inflight:
             return True
         self._drained_event.clear()
         try:
@@ -542,20 +597,25 @@ class Device:
         return n
 
 
-def native_memory(handler: Any) -> Any:
-    """The writable buffer holding the whole medium that ``handler`` lends, or None.
+def native_medium(handler: Any) -> tuple[str | None, Any]:
+    """What ``handler`` lends for the native path: ("memory", buffer), ("fd", (fd,
+    write_through)) or (None, None).
 
-    A handler opts in with ``native_memory()`` (docs/handlers.md).  It is honoured only
-    while ``read`` and ``write`` are the ones defined next to it: a subclass or a test
-    that replaces them must see every command, so the native path stays off."""
+    A handler opts in with ``native_memory()`` or ``native_fd()`` (docs/handlers.md).  It
+    is honoured only while ``read`` and ``write`` are the ones defined next to it: a
+    subclass or a test that replaces them must see every command, so the path stays off."""
     cls = type(handler)
-    if "native_memory" not in implemented(cls):
-        return None
-    owner = next(c for c in cls.__mro__ if "native_memory" in vars(c))
-    for name in ("read", "write"):
-        if name in vars(handler) or getattr(cls, name, None) is not getattr(owner, name, None):
-            return None
-    return handler.native_memory()
+    have = implemented(cls)
+    for method, kind in (("native_memory", "memory"), ("native_fd", "fd")):
+        if method not in have:
+            continue
+        owner = next(c for c in cls.__mro__ if method in vars(c))
+        for name in ("read", "write"):
+            if name in vars(handler) or getattr(cls, name, None) is not getattr(owner, name, None):
+                return None, None
+        medium = getattr(handler, method)()
+        return (kind, medium) if medium is not None else (None, None)
+    return None, None
 
 
 def _write_then_flush(req: m.Write, can_flush: bool) -> Generator[Any, Any, m.Result]:

@@ -274,6 +274,18 @@ class Handler:
         raise NotImplementedError
 
     @_optional
+    def native_fd(self) -> tuple[int, bool] | None:
+        """``(fd, write_through)``: the open medium, for the runner's C worker threads.
+
+        They serve plain READ/WRITE (10)/(16) with preadv/pwritev at byte offset
+        LBA x block size straight between the ring and ``fd`` (one syscall per command,
+        no Python call), fdatasync after a FUA write and, with ``write_through``, after
+        every write.  ``fd`` must stay open until ``close`` or ``reconfig`` (the runner
+        waits for its jobs and takes it back before either).  None: not this time.
+        """
+        raise NotImplementedError
+
+    @_optional
     def report_event(self, event: str) -> None:
         """Be told of an event in :data:`EVENTS` (rbd updates its service status)."""
         raise NotImplementedError
@@ -309,6 +321,7 @@ OPTIONAL_METHODS = (
     "compare_and_write",
     "reconfig",
     "native_memory",
+    "native_fd",
     "report_event",
     "lock",
     "unlock",

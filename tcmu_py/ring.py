@@ -10,6 +10,8 @@ Only the event-loop thread may touch a Ring (style.md §7).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import struct
 from typing import Any
 
@@ -103,8 +105,10 @@ class Ring:
         # the native data path (see attach_native); off until a handler lends memory
         self._fast = ffi.new("struct tcmu_py_fast *")
         self._fast_mem: Any = None  # the cffi buffer keeping the lent memory exported
-        self._fast_len = 0
+        self._fails = ffi.new("struct tcmu_py_fail[]", _MAX_COMPS)
         self._fast_on = False
+        self._native = False  # a medium (memory or fd) is attached
+        self.native_efd = -1
         self.native_served = 0  # commands served by the native path, last drain
 
     # -- geometry ----------------------------------------------------------------------
@@ -153,36 +157,92 @@ class Ring:
         """Lend the device's memory (a writable buffer of the whole medium) to the shim,
         which then serves plain READ/WRITE (10)/(16) in the drain's batch, in C.
 
-        ``None`` takes it back -- required before the lender closes or remaps it (an
-        exported buffer cannot be closed).  False if the buffer is too small to hold
-        ``num_lbas`` blocks (the path stays off)."""
-        f = self._fast
-        f.enabled = 0
-        self._fast_on = False
-        f.mem = ffi.NULL
-        if self._fast_mem is not None:
-            ffi.release(self._fast_mem)
-            self._fast_mem = None
-            self._fast_len = 0
-        if mem is None:
-            return True
+        :meth:`native_detach` takes it back -- required before the lender closes or
+        remaps it (an exported buffer cannot be closed).  False if the buffer is too
+        small to hold ``num_lbas`` blocks (the path stays off)."""
         buf = ffi.from_buffer("uint8_t[]", mem, require_writable=True)
         if len(buf) < num_lbas * block_size:
             ffi.release(buf)
             return False
-        self._fast_mem, self._fast_len = buf, len(buf)
-        f.mem = buf
+        self._fast_mem = buf
+        self._fast.mem = buf
+        self._set_geometry(block_size, num_lbas, max_xfer, readonly)
+        return True
+
+    def attach_native_fd(self, fd: int, threads: int, write_through: bool, block_size: int,
+                         num_lbas: int, max_xfer: int, readonly: bool) -> int:
+        """Serve plain READ/WRITE (10)/(16) on ``fd`` with ``threads`` C worker threads
+        (preadv/pwritev straight between the ring and the file, fdatasync after FUA or
+        every write with ``write_through``).  Returns the eventfd that signals finished
+        jobs: the caller runs :meth:`native_reap` when it is readable."""
+        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        rc = lib.tcmu_py_aio_start(self._fast, fd, efd, threads, int(write_through))
+        if rc < 0:
+            os.close(efd)
+            raise OSError(-rc, "cannot start the native I/O threads")
+        self.native_efd = efd
+        self._set_geometry(block_size, num_lbas, max_xfer, readonly)
+        return efd
+
+    def _set_geometry(self, block_size: int, num_lbas: int, max_xfer: int, readonly: bool) -> None:
+        f = self._fast
         f.block_size = block_size
         f.num_lbas = num_lbas
         f.max_xfer = min(max_xfer, 0xFFFFFFFF)
         f.readonly = int(readonly)
-        f.fua_ok = 1  # the lent memory is the medium itself: nothing volatile to flush
-        return True
+        f.fua_ok = 1  # memory: nothing volatile; fd: the worker fdatasyncs a FUA write
+        self._native = True
+
+    def native_detach(self) -> list[tuple[int, int, bool]]:
+        """Take the native path away: no new commands, the fd workers finish what they
+        have (this joins them: call it once :attr:`native_inflight` is 0) and their last
+        results are queued; returns the failed ones (see :meth:`native_reap`)."""
+        f = self._fast
+        f.enabled = 0
+        self._fast_on = False
+        self._native = False
+        fails: list[tuple[int, int, bool]] = []
+        if f.aio != ffi.NULL:
+            lib.tcmu_py_aio_stop(f)
+            fails = self.native_reap()
+            lib.tcmu_py_aio_free(f)
+            os.close(self.native_efd)
+            self.native_efd = -1
+        f.mem = ffi.NULL
+        if self._fast_mem is not None:
+            ffi.release(self._fast_mem)
+            self._fast_mem = None
+        return fails
+
+    def native_reap(self) -> list[tuple[int, int, bool]]:
+        """Queue the completions of finished fd jobs (GOOD) and return the failed ones
+        as (cmd_id, errno, is_write): their sense is the SCSI layer's to choose."""
+        f = self._fast
+        if self.native_efd >= 0:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self.native_efd)
+        fails: list[tuple[int, int, bool]] = []
+        while True:
+            if self._ncomp:
+                self._write_comps()
+            f.n_comp = 0
+            nf = lib.tcmu_py_aio_reap(f, self._comps, _MAX_COMPS, self._fails, _MAX_COMPS)
+            self._ncomp = f.n_comp
+            for i in range(nf):
+                e = self._fails[i]
+                fails.append((int(e.cmd_id), int(e.err), bool(e.write)))
+            if f.served < _MAX_COMPS:
+                return fails
+
+    @property
+    def native_inflight(self) -> int:
+        """fd jobs queued to the native workers and not yet reaped."""
+        return int(self._fast.inflight)
 
     def native_gate(self, on: bool) -> None:
         """Open or close the native path for the next batches (the engine closes it while
         the SCSI layer must see every command: unit attention, format, recovery)."""
-        on = on and self._fast_mem is not None
+        on = on and self._native
         if on != self._fast_on:
             self._fast_on = on
             self._fast.enabled = int(on)
@@ -191,6 +251,10 @@ class Ring:
         """(reads, writes, read bytes, write bytes) served natively since the start."""
         f = self._fast
         return int(f.reads), int(f.writes), int(f.read_bytes), int(f.write_bytes)
+
+    def native_latency_histogram(self) -> list[int]:
+        """Commands served natively per log2-microsecond latency bucket (drain to done)."""
+        return list(self._fast.hist)
 
     # -- fetch -------------------------------------------------------------------------
     def drain(self) -> list[Command | TmrEntry | MalformedEntry]:
@@ -297,6 +361,6 @@ class Ring:
         """Drop our references; the mapping goes away once no command view is left."""
         self._closed = True
         self._completed_since_wakeup = False
-        self.attach_native(None, 0, 0, 0, False)
+        self.native_detach()
         self.view.release()
         self._ptr = None

@@ -7,6 +7,7 @@ and the medium -- so the C path can only ever be a faster way to the same answer
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tcmu_py.engine import native_memory
+from tcmu_py.engine import native_medium
 from tcmu_py.scsi import add_unit_attention
 from tcmu_py.sim import SimTarget
 from tcmu_py_handlers.ram import RamHandler
@@ -89,10 +90,10 @@ def test_a_handler_whose_read_is_replaced_never_gets_the_native_path() -> None:
             super().read(offset, length, bufs)
 
     h = Audited()
-    assert native_memory(h) is None
+    assert native_medium(h) == (None, None)
     h2 = RamHandler()
     h2.read = lambda *a: None  # type: ignore[method-assign]
-    assert native_memory(h2) is None
+    assert native_medium(h2) == (None, None)
 
 
 def test_concurrent_commands_with_fragmented_iovecs_round_trip() -> None:
@@ -146,3 +147,100 @@ def test_native_and_python_answers_are_identical(
     assert (ra.status, ra.sense, ra.data) == (rb.status, rb.sense, rb.data)
     if write and ra.status == 0:
         assert _medium(a) == _medium(b)
+
+
+# ---- the fd path: the file handler's image served by C worker threads ------------------
+
+
+def _file_target(path: str, native: bool) -> SimTarget:
+    from tcmu_py_handlers.file import FileHandler
+
+    t = SimTarget(FileHandler, f"file/{path}", size=SIZE, hw_max_sectors=MAX_SECTORS,
+                  data_size=1 << 20, cmdr_size=16 * 1024)
+    if not native:
+        t._lt.run(t.device.native_quiesce())
+    return t
+
+
+@pytest.fixture(scope="module")
+def file_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimTarget, SimTarget]]:
+    d = tmp_path_factory.mktemp("native-fd")
+    a, b = _file_target(str(d / "a.img"), True), _file_target(str(d / "b.img"), False)
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def _file_medium(t: SimTarget) -> bytes:
+    with open(t.device.handler.dev.config.path, "rb") as f:
+        return f.read()
+
+
+def test_file_reads_and_writes_are_served_by_the_native_threads(tmp_path) -> None:
+    with _file_target(str(tmp_path / "x.img"), True) as t:
+        assert t.device.native and t.device.ring.native_efd >= 0
+        rnd = random.Random(11)
+        futs, writes = [], []
+        for i in range(64):
+            data = rnd.randbytes(8 * BS)
+            writes.append(data)
+            futs.append(t.submit_nowait(rw(0x8A, i * 8, 8, flags=0x08 if i % 7 == 0 else 0), data))
+        assert all(f.result(30).status == 0 for f in futs)
+        assert _file_medium(t)[: 64 * 8 * BS] == b"".join(writes)
+        assert t.read(0, 8) == writes[0]
+        assert _counts(t)[:2] == (1, 64)
+        assert t.device.ring.native_inflight == 0
+
+
+def test_a_file_read_past_the_end_of_a_shrunk_image_fails_like_the_python_path(
+    file_pair: tuple[SimTarget, SimTarget]
+) -> None:
+    """preadv hits end of file: the C worker hands EIO back, the SCSI layer picks the sense."""
+    a, b = file_pair
+    results = []
+    for t in (a, b):
+        path = t.device.handler.dev.config.path
+        os.truncate(path, SIZE // 2)
+        try:
+            results.append(t.submit(rw(0x88, NUM_LBAS - 8, 8), None, 8 * BS))
+        finally:
+            os.truncate(path, SIZE)
+    ra, rb = results
+    assert ra.status == 2 and ra.sense[2] & 0x0F == 3  # MEDIUM ERROR
+    assert (ra.status, ra.sense) == (rb.status, rb.sense)
+
+
+def test_quiesce_waits_for_every_native_job_then_python_serves(tmp_path) -> None:
+    with _file_target(str(tmp_path / "q.img"), True) as t:
+        data = random.Random(5).randbytes(64 * BS)
+        futs = [t.submit_nowait(rw(0x8A, i * 64, 64), data) for i in range(32)]
+        t._lt.run(t.device.native_quiesce())
+        assert not t.device.native and t.device.ring.native_efd == -1
+        assert all(f.result(30).status == 0 for f in futs)
+        assert t.read(31 * 64, 64) == data
+        assert t._lt.call(t.device.native_acquire)
+        assert t.read(0, 64) == data
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(op=_ops, lba=_lbas, n=_lens, flags=_flags, skew=st.sampled_from([0, 0, 0, BS, -BS]),
+       seed=st.integers(0, 2**16))
+def test_native_fd_and_python_answers_are_identical(
+    file_pair: tuple[SimTarget, SimTarget], op: int, lba: int, n: int, flags: int, skew: int,
+    seed: int,
+) -> None:
+    a, b = file_pair
+    if op in (0x28, 0x2A):
+        lba &= 0xFFFFFFFF
+        n &= 0xFFFF
+    length = max(0, min(n, 2 * MAX_SECTORS) * BS + skew)
+    write = op & 0x02
+    data = random.Random(seed).randbytes(length) if write else None
+    cdb = rw(op, lba, n, flags)
+    ra = a.submit(cdb, data, 0 if write else length)
+    rb = b.submit(cdb, data, 0 if write else length)
+    assert (ra.status, ra.sense, ra.data) == (rb.status, rb.sense, rb.data)
+    if write and ra.status == 0:
+        assert _file_medium(a) == _file_medium(b)
