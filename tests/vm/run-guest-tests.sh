@@ -3,7 +3,7 @@
 #
 # usage: tests/vm/run-guest-tests.sh [pytest args]
 # env:   CI              passed into the guest; with CI=true a tier that cannot run fails
-#        TCMU_VM_TIMEOUT the pytest run's timeout inside the guest, seconds (default 900)
+#        TCMU_VM_TIMEOUT the pytest run's timeout inside the guest, seconds (default 1800)
 #        TCMU_VM_MEM     guest RAM in MiB (default 4096)
 #        TCMU_VM_QUIET=1 print only the pytest output, at the end, instead of the live console
 # exit:  pytest's exit code; 1 (CI) or 77 (local) when the tier could not run at all,
@@ -33,7 +33,7 @@ for a in "$@"; do ARGS+=" $(printf '%q' "$a")"; done
 CMD=".venv/bin/python -m pytest tests/kernel -p no:cacheprovider$ARGS"
 
 RUNDIR=$REPO/.lab-runs/kernel-tests-$(date +%Y%m%d-%H%M%S)-$$
-"$HERE/run-in-guest.sh" -t "${TCMU_VM_TIMEOUT:-900}" -m "${TCMU_VM_MEM:-4096}" \
+"$HERE/run-in-guest.sh" -t "${TCMU_VM_TIMEOUT:-1800}" -m "${TCMU_VM_MEM:-4096}" \
     -e PYTEST_ADDOPTS -o "$RUNDIR" "$CMD"
 rc=$?
 if [ "${TCMU_VM_QUIET:-0}" = 1 ] && [ -r "$RUNDIR/guest-output.log" ]; then
