@@ -233,7 +233,14 @@ def test_the_device_is_in_the_service_map_as_tcmu_runner_with_its_status(
         assert (meta["pool_name"], meta["image_name"], meta["image_id"]) == (POOL, image, image_id)
         assert status == {"lock_owner": "true", "lock_lost_cnt": "0", "conn_lost_cnt": "0",
                           "cmd_timed_out_cnt": "0"}
-        assert "tcmu-runner: 1 daemon active" in ceph.cli("ceph", "-s")
+        # `ceph -s` shows the mgr's digest of the service map, refreshed on its own tick
+        summary = ""
+        while time.monotonic() < deadline + 30:
+            summary = ceph.cli("ceph", "-s")
+            if "tcmu-runner: 1 daemon active" in summary:
+                break
+            time.sleep(1)
+        assert "tcmu-runner: 1 daemon active" in summary, summary
 
 
 # ---- open-time errors: one clear line each ---------------------------------------------------
