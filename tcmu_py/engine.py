@@ -650,6 +650,8 @@ class Device:
             n += 1
             if self.metrics is not None:
                 self.metrics.error(status, b"")
+                if cmd.t_fetch:
+                    self.metrics.hist[bucket_of(int((time.monotonic() - cmd.t_fetch) * 1e6))] += 1
         self.ring.flush()
         return n
 
