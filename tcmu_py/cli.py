@@ -20,6 +20,7 @@ from typing import Any
 from tcmu_py import __version__
 from tcmu_py.config import DEFAULT_PATH, ConfigWatcher, RunnerConfig
 from tcmu_py.logs import LogSetup
+from tcmu_py.status import DEFAULT_SOCKET
 
 log = logging.getLogger("tcmu_py")
 
@@ -55,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not own org.kernel.TCMUService1 (targetcli then cannot see us)")
     p.add_argument("--dbus-address", metavar="ADDR",
                    help="D-Bus bus address (default: the system bus)")
+    p.add_argument("--status-socket", default=DEFAULT_SOCKET, metavar="PATH",
+                   help=f"root-only socket `tcmu-py status` asks (default {DEFAULT_SOCKET})")
+    p.add_argument("--no-status-socket", action="store_true", help="do not serve the status socket")
+    p.add_argument("--no-metrics", action="store_true",
+                   help="keep no per-device counters (status then shows devices only)")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT|unix:PATH",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default; "
+                        "loopback only unless --metrics-allow-remote)")
+    p.add_argument("--metrics-allow-remote", action="store_true",
+                   help="let --metrics-listen use a non-loopback address")
     return p
 
 
@@ -112,6 +123,8 @@ async def serve(args: argparse.Namespace, logs: LogSetup, watcher: ConfigWatcher
     if not handlers:
         raise Fatal("no handler could be loaded; nothing to serve")
     runner = Runner(loop, handlers, configfs=ConfigFS(args.configfs_root))
+    runner.engine.metrics_enabled = not args.no_metrics
+    extras = await start_operability(args, runner)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -149,7 +162,35 @@ async def serve(args: argparse.Namespace, logs: LogSetup, watcher: ConfigWatcher
     await runner.stop()
     if dbus_service is not None:
         await dbus_service.stop()
+    for server in extras:
+        await server.stop()
     return 0
+
+
+async def start_operability(args: argparse.Namespace, runner: Any) -> list[Any]:
+    """The status socket (on by default; a failure is a warning: serving I/O matters
+    more) and the opt-in metrics endpoint (asked for, so a failure is fatal)."""
+    from tcmu_py.prometheus import ListenError, MetricsServer
+    from tcmu_py.status import StatusError, StatusServer
+
+    started: list[Any] = []
+    if not args.no_status_socket:
+        status = StatusServer(runner.engine, args.status_socket)
+        try:
+            await status.start()
+            started.append(status)
+        except StatusError as e:
+            log.warning("status socket: %s; `tcmu-py status` will not see this runner", e)
+    if args.metrics_listen:
+        metrics = MetricsServer(runner.engine, args.metrics_listen, args.metrics_allow_remote)
+        try:
+            await metrics.start()
+        except ListenError as e:
+            for s in started:
+                await s.stop()
+            raise Fatal(str(e)) from None
+        started.append(metrics)
+    return started
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,6 +213,13 @@ def main(argv: list[str] | None = None) -> int:
         watcher.on_change = on_change
         if args.nofile:
             set_nofile(args.nofile)
+        if args.metrics_listen:
+            from tcmu_py.prometheus import ListenError, parse_listen
+
+            try:
+                parse_listen(args.metrics_listen, args.metrics_allow_remote)
+            except ListenError as e:
+                raise Fatal(str(e)) from None
         lock_fd = take_lock(args.lock_file)
         try:
             log.info("tcmu-py-runner %s starting (log level %d, log file %s)",

@@ -27,6 +27,8 @@ from typing import Any
 
 from tcmu_py import abi
 from tcmu_py.handler import implemented
+from tcmu_py.logs import device_logger
+from tcmu_py.metrics import DeviceMetrics, bucket_of
 from tcmu_py.ring import Command, MalformedEntry, Ring, TmrEntry
 from tcmu_py.scsi import _model as m
 
@@ -43,6 +45,10 @@ RECOVER_ERRNOS = frozenset(
 _BACKOFF_MAX_S = 30.0
 _BUSY = m.Result(m.Sam.BUSY)
 _CAW_OPCODE = 0x89
+#: "ring full": less free than this (or 1/64 of the ring) at a drain -- the kernel then
+#: cannot place another command and queues it (qfull, reference/tcmu.md §1.6)
+_RING_FULL_SLACK = 1024
+_RING_FULL_MIN_CMDS = 8
 
 
 def _sense_bytes(err: m.SenseError) -> bytes:
@@ -119,6 +125,10 @@ class Device:
         self.native = False
         self.native_gate_hold = False
         self.threads = threads
+        #: None with --no-metrics: the hot path then skips every count but the dict above
+        self.metrics: DeviceMetrics | None = DeviceMetrics() if engine.metrics_enabled else None
+        self._batch_t0 = 0.0  # time.monotonic() of the current batch's fetch (metrics)
+        self.log = device_logger(log, self.name, getattr(type(handler), "subtype", "?"))
 
     # -- the ring -------------------------------------------------------------------------
     def on_ready(self) -> None:
@@ -131,17 +141,30 @@ class Device:
                 not (st.pending_ua or st.format_progress is not None or self.blocked
                      or self.closing or self.native_gate_hold)
             )
+        mt = self.metrics
+        if mt is not None:
+            t0 = self._batch_t0 = time.monotonic()  # one clock read per batch
+            pending0 = len(self.inflight)
         entries = ring.drain()
-        if ring.native_served:
-            self.counters["commands"] += ring.native_served
+        served = ring.native_served
+        if served:
+            self.counters["commands"] += served
             if not entries:
                 self.counters["batches"] += 1
+        ncmd = 0
         if entries:
             self.counters["batches"] += 1
             self.counters["commands"] += len(entries)
             dispatch, state, handle = self._dispatch, self.state, self._handle
+            if mt is not None:
+                ops, op_bytes = mt.ops, mt.op_bytes
             for ent in entries:
                 if type(ent) is Command:
+                    if mt is not None:
+                        op = ent.cdb[0]
+                        ops[op] += 1
+                        op_bytes[op] += ent.data_len
+                        ncmd += 1
                     if self._serial_pending and ent.cdb[0] == 0x12:
                         self._refresh_serial()
                     handle(ent, dispatch(ent.cdb, ent.iov, ent.data_len, state))
@@ -153,6 +176,29 @@ class Device:
         elif ring.corrupt:
             self._corrupt()
         ring.flush()
+        if mt is not None and (ncmd or served):
+            self._batch_metrics(mt, t0, pending0, ncmd, served)
+
+    def _batch_metrics(self, mt: DeviceMetrics, t0: float, pending0: int, ncmd: int,
+                       served: int) -> None:
+        """Per batch: latency of the commands completed in it, in-flight peak, ring fill."""
+        ring = self.ring
+        pending = len(self.inflight)
+        # completed in this batch = fetched minus those now waiting on threads/async; their
+        # completions reached the kernel at the flush just done
+        done = ncmd - (pending - pending0)
+        if done > 0:
+            mt.hist[bucket_of(int((time.monotonic() - t0) * 1e6))] += done
+        fd_path = ring.native_efd >= 0
+        # the memory path finished its commands in the batch; the fd path's are in C's count
+        peak = pending0 + ncmd + (ring.native_inflight if fd_path else served)
+        if peak > mt.inflight_peak:
+            mt.inflight_peak = peak
+        # a full ring holds many entries: look (one C call) only when it could be full
+        if fd_path or ncmd + served + pending >= _RING_FULL_MIN_CMDS:
+            size = ring.cmdr_size
+            if size - ring.inflight_bytes() - 1 < max(_RING_FULL_SLACK, size >> 6):
+                mt.ring_full += 1
 
     # -- the native data path ----------------------------------------------------------------
     def native_acquire(self) -> bool:
@@ -170,14 +216,14 @@ class Device:
         if kind == "memory":
             self.native = self.ring.attach_native(medium, *geo)
             if not self.native:
-                log.warning("%s: the handler's memory is smaller than the device; native path off",
+                self.log.warning("%s: the handler's memory is smaller than the device; native path off",
                             self.name)
             return self.native
         fd, write_through = medium
         try:
             efd = self.ring.attach_native_fd(fd, max(1, self.threads), write_through, *geo)
         except OSError as e:
-            log.warning("%s: native I/O threads unavailable (%s); serving through Python",
+            self.log.warning("%s: native I/O threads unavailable (%s); serving through Python",
                         self.name, e)
             return False
         self.loop.add_reader(efd, self._on_native_done)
@@ -208,7 +254,7 @@ class Device:
             while self.ring.native_inflight and self.loop.time() < deadline:
                 await asyncio.sleep(0.002)
             if self.ring.native_inflight:
-                log.warning("%s: %d native I/O(s) still running after %.0f s; waiting for them",
+                self.log.warning("%s: %d native I/O(s) still running after %.0f s; waiting for them",
                             self.name, self.ring.native_inflight, timeout)
             self.native_release()
         finally:
@@ -225,8 +271,11 @@ class Device:
             self._drained_event.set()
 
     def _native_failed(self, fails: list[tuple[int, int, bool]]) -> None:
+        mt = self.metrics
         for cmd_id, err, write in fails:
             what = "write" if write else "read"
+            if mt is not None:  # C counts only its successes; bytes are not known here
+                mt.ops[0x2A if write else 0x28] += 1
             self._fail(Command(cmd_id, b"", [], 0), OSError(err, os.strerror(err)), what)
 
     def set_serial_source(self, read: Callable[[], str]) -> None:
@@ -350,8 +399,9 @@ class Device:
             done(cmd, value, None, what)
             return
         self.inflight[cmd.cmd_id] = cmd
-        if self.cmd_time_out:
-            cmd.t_fetch = time.monotonic()
+        if not cmd.t_fetch and (self.metrics is not None or self.cmd_time_out):
+            # a compound command keeps the time of its first step's fetch
+            cmd.t_fetch = self._batch_t0 if self.metrics is not None else time.monotonic()
         loop = self.loop
         if model == "threads":
             assert self.pool is not None
@@ -376,6 +426,9 @@ class Device:
             return  # already answered (stop or recovery failed it): drop the late result
         exc = fut.exception()
         done(cmd, None if exc else fut.result(), exc, what)
+        mt = self.metrics
+        if mt is not None and cmd.cmd_id not in self.inflight:  # finished, not a next step
+            mt.hist[bucket_of(int((time.monotonic() - cmd.t_fetch) * 1e6))] += 1
         self._schedule_flush()
         if self.closing and not self.inflight:
             self._drained_event.set()
@@ -455,6 +508,8 @@ class Device:
                         v[:] = bytes(len(v))
         if res.status != 0:
             self.counters["errors"] += 1
+            if self.metrics is not None:
+                self.metrics.error(res.status, res.sense)
         self.ring.complete(cmd.cmd_id, res.status, res.sense, read_len)
 
     def _fail(self, cmd: Command, exc: BaseException, what: str) -> None:
@@ -465,7 +520,7 @@ class Device:
             key = (type(exc).__name__, what)
             if key not in self._logged:
                 self._logged.add(key)
-                log.error(
+                self.log.error(
                     "%s: handler %s.%s raised %r; answering HARDWARE ERROR",
                     self.name,
                     type(self.handler).__name__,
@@ -496,7 +551,7 @@ class Device:
         self.counters["malformed"] += 1
         if ("malformed", ent.reason) not in self._logged:
             self._logged.add(("malformed", ent.reason))
-            log.error("%s: malformed ring entry (cmd_id %d): %s", self.name, ent.cmd_id, ent.reason)
+            self.log.error("%s: malformed ring entry (cmd_id %d): %s", self.name, ent.cmd_id, ent.reason)
         self.ring.complete(ent.cmd_id, m.Sam.CHECK_CONDITION, b"", 0, abi.UFLAG_UNKNOWN_OP)
 
     def _corrupt(self) -> None:
@@ -504,7 +559,7 @@ class Device:
         if ("corrupt", str(why)) not in self._logged:
             self._logged.add(("corrupt", str(why)))
             r = self.ring
-            log.error("%s: ring walk stopped: %s (fetch %d head %d tail %d); the ring needs "
+            self.log.error("%s: ring walk stopped: %s (fetch %d head %d tail %d); the ring needs "
                       "reset_ring", self.name, why, r.fetch, r.head, r.tail)
         if self.on_corrupt is not None:
             self.on_corrupt(self)
@@ -518,7 +573,7 @@ class Device:
         self.recovering = True
         self.blocked = True
         self.counters["recoveries"] += 1
-        log.warning("%s: %s; recovering (commands answered BUSY meanwhile)", self.name, why)
+        self.log.warning("%s: %s; recovering (commands answered BUSY meanwhile)", self.name, why)
         self._report(event)
         self.engine.track(self.loop.create_task(self._recover()))
 
@@ -529,7 +584,7 @@ class Device:
         try:
             report(event)
         except Exception as e:  # noqa: BLE001 - a status update must not stop recovery
-            log.debug("%s: report_event(%s) failed: %r", self.name, event, e)
+            self.log.debug("%s: report_event(%s) failed: %r", self.name, event, e)
 
     async def _recover(self) -> None:
         await self.drain_inflight(10.0)
@@ -543,17 +598,17 @@ class Device:
             try:
                 await self.loop.run_in_executor(None, self.handler.close)
             except Exception as e:  # noqa: BLE001
-                log.debug("%s: close during recovery: %r", self.name, e)
+                self.log.debug("%s: close during recovery: %r", self.name, e)
             try:
                 await self.loop.run_in_executor(None, self.handler.open, self.info, True)
             except Exception as e:  # noqa: BLE001
                 if attempt in (1, 2, 4) or attempt % 10 == 0:
-                    log.error("%s: reopen attempt %d failed: %s; retrying in %.0f s",
+                    self.log.error("%s: reopen attempt %d failed: %s; retrying in %.0f s",
                               self.name, attempt, e, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX_S)
                 continue
-            log.info("%s: recovered after %d attempt(s)", self.name, attempt)
+            self.log.info("%s: recovered after %d attempt(s)", self.name, attempt)
             self.native_acquire()
             break
         self.blocked = False
@@ -567,7 +622,7 @@ class Device:
             if cmd.t_fetch and now - cmd.t_fetch > limit and cmd.state != 2:
                 cmd.state = 2
                 self.counters["timeouts"] += 1
-                log.error("%s: command %#04x (id %d) in the handler for over %.0f s",
+                self.log.error("%s: command %#04x (id %d) in the handler for over %.0f s",
                           self.name, cmd.cdb[0], cmd.cmd_id, limit)
                 self._report("cmd_timed_out")
                 self.start_recovery("command timed out", "conn_lost")
@@ -593,6 +648,10 @@ class Device:
             self.inflight.pop(cmd.cmd_id, None)
             self.ring.complete(cmd.cmd_id, status)
             n += 1
+            if self.metrics is not None:
+                self.metrics.error(status, b"")
+                if cmd.t_fetch:
+                    self.metrics.hist[bucket_of(int((time.monotonic() - cmd.t_fetch) * 1e6))] += 1
         self.ring.flush()
         return n
 
@@ -670,6 +729,8 @@ class Engine:
         self._background: set[asyncio.Task[Any]] = set()
         self._ticker: asyncio.TimerHandle | None = None
         self.started = time.monotonic()
+        #: devices attached from now on keep metrics (--no-metrics turns this off)
+        self.metrics_enabled = True
 
     def track(self, task: asyncio.Task[Any]) -> None:
         self._background.add(task)
@@ -724,7 +785,7 @@ class Engine:
                 except StopIteration:
                     return
                 except BaseException as err:  # noqa: BLE001 - a boundary: every failure is answered, never raised
-                    log.error("%s: background job failed: %r", dev.name, err)
+                    dev.log.error("%s: background job failed: %r", dev.name, err)
                     return
                 value, exc = None, None
                 try:

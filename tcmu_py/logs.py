@@ -4,6 +4,12 @@
 (level 5 also enables the per-command logger ``tcmu_py.scsi.cmd``, which is otherwise
 never called on the hot path).  The file is ``<log_dir>/tcmu-py-runner.log``; SIGHUP
 reopens it (logrotate's postrotate), and a WatchedFileHandler also notices a rename.
+
+Records about one device carry the fields ``device`` and ``handler`` (:func:`device_logger`),
+printed at the end of the line as ``[device=NAME handler=SUBTYPE]`` so one device's story
+can be filtered with grep.  Repeats of one message (same logger, level, text template and
+device) are rate-limited: at most ``burst`` per ``interval`` seconds, then one line says
+how many were dropped (:class:`RateLimit`; debug levels are never limited).
 """
 
 from __future__ import annotations
@@ -12,12 +18,87 @@ import logging
 import logging.handlers
 import os
 import sys
+import time
+from collections.abc import MutableMapping
+from typing import Any
 
-__all__ = ["LOG_FILE", "LogSetup", "level_for"]
+__all__ = ["LOG_FILE", "DeviceLog", "LogSetup", "RateLimit", "device_logger", "level_for"]
 
 LOG_FILE = "tcmu-py-runner.log"
 _LEVELS = [logging.CRITICAL, logging.ERROR, logging.WARNING, logging.INFO, logging.DEBUG, 5]
-_FORMAT = "%(asctime)s %(process)d [%(levelname)s] %(name)s: %(message)s"
+_FORMAT = "%(asctime)s %(process)d [%(levelname)s] %(name)s: %(message)s%(fields)s"
+
+
+class DeviceLog(logging.LoggerAdapter[logging.Logger]):
+    """A logger whose records carry ``device`` and ``handler`` (``extra`` fields)."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        extra = kwargs.get("extra")
+        kwargs["extra"] = dict(self.extra or {}) if extra is None else {**(self.extra or {}), **extra}
+        return msg, kwargs
+
+
+def device_logger(logger: logging.Logger, device: str, handler: str) -> DeviceLog:
+    return DeviceLog(logger, {"device": device, "handler": handler})
+
+
+class Formatter(logging.Formatter):
+    """The runner's line format: device fields and suppressed-repeat counts at the end."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        d = record.__dict__
+        dev = d.get("device")
+        fields = f" [device={dev} handler={d.get('handler', '-')}]" if dev is not None else ""
+        dropped = d.get("_repeats_dropped")
+        if dropped:
+            fields += f" ({dropped} similar message(s) suppressed)"
+        record.fields = fields
+        return super().format(record)
+
+
+class RateLimit(logging.Filter):
+    """Let at most ``burst`` records of one kind through per ``interval`` seconds.
+
+    A kind is (logger, level, message template, device).  The first record let through
+    after a window in which some were dropped says how many (``_repeats_dropped``).
+    One instance may sit on several handlers: a record is judged once."""
+
+    def __init__(self, burst: int = 5, interval: float = 60.0, max_keys: int = 4096) -> None:
+        super().__init__()
+        self.burst = burst
+        self.interval = interval
+        self.max_keys = max_keys
+        self._seen: dict[tuple[Any, ...], list[float]] = {}  # key -> [start, count, dropped]
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        d = record.__dict__
+        verdict = d.get("_rate_ok")
+        if verdict is not None:
+            return bool(verdict)
+        ok = self._judge(record)
+        d["_rate_ok"] = ok
+        return ok
+
+    def _judge(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.INFO:
+            return True
+        key = (record.name, record.levelno, str(record.msg), record.__dict__.get("device"))
+        now = time.monotonic()
+        ent = self._seen.get(key)
+        if ent is None or now - ent[0] >= self.interval:
+            if ent is not None and ent[2]:
+                record.__dict__["_repeats_dropped"] = int(ent[2])
+            if ent is None and len(self._seen) >= self.max_keys:
+                self._seen.clear()
+            self._seen[key] = [now, 1, 0]
+            return True
+        if ent[1] < self.burst:
+            ent[1] += 1
+            return True
+        ent[2] += 1
+        self.dropped += 1
+        return False
 
 
 def level_for(log_level: int) -> int:
@@ -31,11 +112,13 @@ class LogSetup:
         logging.addLevelName(5, "DEBUG_SCSI_CMD")
         self.root = logging.getLogger()
         self.root.setLevel(logging.DEBUG)
-        self.fmt = logging.Formatter(_FORMAT)
+        self.fmt = Formatter(_FORMAT)
+        self.limit = RateLimit()
         self.stderr: logging.Handler | None = None
         if stderr:
             self.stderr = logging.StreamHandler(sys.stderr)
             self.stderr.setFormatter(self.fmt)
+            self.stderr.addFilter(self.limit)
             self.root.addHandler(self.stderr)
         self.file: logging.handlers.WatchedFileHandler | None = None
         self.log_dir: str | None = None
@@ -70,6 +153,7 @@ class LogSetup:
             )
             return
         self.file.setFormatter(self.fmt)
+        self.file.addFilter(self.limit)
         self.file.setLevel(level_for(self.level))
         self.root.addHandler(self.file)
 

@@ -1,0 +1,159 @@
+"""``tcmu-py status`` against a real runner in the guest, while fio drives a tcm_loop disk.
+
+One runner (``--no-dbus``, its own lock file and status socket) serves a ``user:file``
+backstore on a tcm_loop LUN.  fio runs 4k random reads for 10 s; in the middle,
+``tcmu-py status --json`` measures the device over a few seconds, and its IOPS must agree
+with fio's own figure within a sane factor (the windows differ: fio averages its whole
+run).  A second runner is refused by the lock and the first one's socket keeps answering.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import NAME_PREFIX, OP_TIMEOUT, in_background, kernel_unavailable
+from .test_runner_io import START_TIMEOUT_S, _explain, _fio_jobs, _loopback_disk, _unavailable
+
+pytestmark = [
+    pytest.mark.guest,
+    pytest.mark.filterwarnings("ignore:Cannot set dbroot:UserWarning"),
+]
+
+WWN = "naa.5001405aabbcc200"
+NAME = NAME_PREFIX + "status-file"
+IMAGE = Path("/tmp") / f"{NAME}.img"
+SIZE = 64 << 20
+LOCK = "/run/tcmu-py-status-test.lock"
+SOCK = "/run/tcmu-py-status-test/status.sock"
+CLI = str(Path(sys.executable).parent / "tcmu-py")  # the console script, as installed
+
+
+def _runner_cmd(logdir: Path) -> list[str]:
+    return [sys.executable, "-m", "tcmu_py.cli", "-l", str(logdir), "--no-dbus",
+            "--lock-file", LOCK, "--status-socket", SOCK]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A running runner and the /dev/sdX of its user:file LUN."""
+    why = kernel_unavailable()
+    if why is not None:
+        _unavailable(why)
+    if os.environ.get("TCMU_VM_GUEST") != "1":
+        _unavailable("this module creates a SCSI disk and runs fio: only in the guest")
+    run_dir = os.environ.get("TCMU_VM_RUN_DIR")
+    logdir = Path(run_dir) / "status" if run_dir else tmp_path_factory.mktemp("status")
+    logdir.mkdir(parents=True, exist_ok=True)
+    log_path = logdir / "tcmu-py-runner.log"
+    with open(logdir / "runner.out", "wb") as out:
+        proc = subprocess.Popen(_runner_cmd(logdir), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while "tcmu-py runner ready" not in (log_path.read_text() if log_path.exists() else ""):
+            assert proc.poll() is None, f"tcmu-py-runner exited with {proc.returncode}"
+            assert time.monotonic() < deadline, f"the runner was not ready in {START_TIMEOUT_S} s"
+            time.sleep(0.3)
+
+        from rtslib_fb import LUN, TPG, FabricModule, Target, UserBackedStorageObject
+
+        def create() -> None:
+            so = UserBackedStorageObject(NAME, config=f"file/{IMAGE}", size=SIZE)
+            LUN(TPG(Target(FabricModule("loopback"), WWN), 1), 0, so)
+
+        in_background(create, "create the status LUN").result(3 * OP_TIMEOUT)
+        yield _loopback_disk(WWN, 0), logdir
+    finally:
+        try:
+            if proc.poll() is None:
+                _remove()
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+            IMAGE.unlink(missing_ok=True)
+
+
+def _remove() -> None:
+    from rtslib_fb import FabricModule, RTSRoot, Target
+
+    def remove() -> None:
+        loop = FabricModule("loopback")
+        if any(t.wwn == WWN for t in loop.targets):
+            Target(loop, WWN, mode="lookup").delete()
+        for so in RTSRoot().storage_objects:
+            if so.name == NAME:
+                so.delete()
+
+    in_background(remove, "remove the status objects").result(OP_TIMEOUT)
+
+
+def _status(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLI, "status", "--socket", SOCK, *args], capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def test_status_shows_the_fio_workloads_iops(served: tuple[str, Path], tmp_path: Path) -> None:
+    disk, _ = served
+    assert stat.S_IMODE(os.stat(SOCK).st_mode) == 0o600
+    out = tmp_path / "fio.json"
+    cmd = ["fio", "--output-format=json", f"--output={out}", f"--filename={disk}",
+           "--name=status", "--ioengine=libaio", "--direct=1", "--rw=randread", "--bs=4k",
+           "--iodepth=16", "--time_based=1", "--runtime=10", "--size=64m"]
+    fio = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)
+        res = _status("--json", "--interval", "4")
+        stdout, stderr = fio.communicate(timeout=300)
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+            fio.wait(30)
+    assert res.returncode == 0, _explain(res)
+    (job,) = _fio_jobs(subprocess.CompletedProcess(cmd, fio.returncode, stdout, stderr), out)
+    fio_iops = job["read"]["iops"]
+    assert fio_iops > 0 and job["error"] == 0
+    [dev] = [d for d in json.loads(res.stdout)["devices"] if d["name"] == NAME]
+    print(f"fio {fio_iops:.0f} IOPS, tcmu-py status {dev['iops']:.0f} IOPS "
+          f"(p50 {dev['interval_p50_us']} us, p99 {dev['interval_p99_us']} us, native {dev['native']})")
+    assert dev["handler"] == "file" and dev["config"] == f"file/{IMAGE}" and dev["size"] == SIZE
+    assert 0.5 * fio_iops < dev["iops"] < 2 * fio_iops
+    assert dev["read_iops"] == pytest.approx(dev["iops"], rel=0.05)  # a read workload
+    assert dev["mb_s"] == pytest.approx(dev["iops"] * 4096 / 1e6, rel=0.1)
+    assert dev["interval_p50_us"] is not None and dev["errors_total"] == 0
+    assert dev["commands"]["read"] >= job["read"]["total_ios"]
+    table = _status("--interval", "0")
+    assert table.returncode == 0, _explain(table)
+    assert any(line.split()[:2] == [NAME, "file"] for line in table.stdout.splitlines())
+
+
+def test_a_second_runner_is_refused_and_the_status_socket_still_answers(
+        served: tuple[str, Path], tmp_path: Path) -> None:
+    second = subprocess.run(_runner_cmd(tmp_path), capture_output=True, text=True,
+                            timeout=START_TIMEOUT_S, check=False)
+    assert second.returncode == 1, _explain(second)
+    assert "another runner" in second.stderr and "Traceback" not in second.stderr
+    res = _status("--json", "--interval", "0")
+    assert res.returncode == 0, _explain(res)
+    assert NAME in [d["name"] for d in json.loads(res.stdout)["devices"]]
+
+
+def test_status_without_a_runner_says_so(tmp_path: Path) -> None:
+    res = subprocess.run([CLI, "status", "--socket", str(tmp_path / "none.sock")],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 3, _explain(res)
+    assert res.stderr.startswith("tcmu-py: no tcmu-py-runner is running")
+
+
