@@ -284,8 +284,6 @@ def user_phase(args: argparse.Namespace, rnd: int, kind: str, image: Path, size:
                 # 4 KiB random I/O is the same for any hw_max_sectors: only at the largest.
                 jobs = list(JOBS) if hw == max(args.hw) else [j for j in JOBS if j.startswith("seq")]
                 measure(args, rnd, backend, disks[name], hw, jobs, runner.pid, outdir)
-            if args.profile and kind == "tcmu-py":
-                profile(runner.pid, disks[cases[0][0]], outdir, rnd)
     finally:
         rc = runner.stop()
         say(f"r{rnd} {kind} stopped, rc {rc}")
@@ -305,26 +303,45 @@ def kernel_phase(args: argparse.Namespace, rnd: int, image: Path, size: int, out
         measure(args, rnd, "rd_mcp", disks[PREFIX + "rd_mcp"], None, list(JOBS), None, outdir)
 
 
-def profile(pid: int, disk: str, outdir: Path, rnd: int) -> None:
+def profile(pid: int, disk: str, outdir: Path, tag: str) -> None:
     """py-spy on the runner during a 4 KiB random read run (when py-spy is installed)."""
     spy = REPO / ".venv/bin/py-spy"
     if not spy.exists():
-        say("profile: no .venv/bin/py-spy")
+        say("profile: no .venv/bin/py-spy (pip install py-spy)")
         return
-    out = outdir / f"py-spy-r{rnd}.txt"
-    fio = subprocess.Popen(fio_command(disk, "randread4k", 8, str(outdir / "prof-fio.json")),
+    out = outdir / f"py-spy-{tag}.txt"
+    fio = subprocess.Popen(fio_command(disk, "randread4k", 14, str(outdir / "prof-fio.json")),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(1)
-        res = subprocess.run([str(spy), "record", "--pid", str(pid), "--duration", "5", "--native",
-                              "--threads", "--format", "raw", "--output", str(out), "--nonblocking"],
-                             capture_output=True, text=True, timeout=120, check=False)
-        say(f"profile: py-spy rc {res.returncode} -> {out} {res.stderr[-400:]}")
-        dump = subprocess.run([str(spy), "dump", "--pid", str(pid), "--native"],
-                              capture_output=True, text=True, timeout=60, check=False)
-        (outdir / f"py-spy-dump-r{rnd}.txt").write_text(dump.stdout + dump.stderr)
+        time.sleep(4)  # fio's start-up under TCG
+        cmd = [str(spy), "record", "--pid", str(pid), "--duration", "8", "--native", "--threads",
+               "--idle", "--format", "raw", "--output", str(out), "--nonblocking"]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        say(f"profile {tag}: py-spy rc {res.returncode} -> {out} {res.stderr[-300:]!r}")
     finally:
         fio.wait(60)
+    print("BENCH-PROFILE " + json.dumps({"tag": tag, "stacks": out.read_text() if out.exists() else ""}),
+          flush=True)
+
+
+def profile_only(image: Path, size: int, logdir: Path, outdir: Path) -> None:
+    from rtslib_fb import UserBackedStorageObject
+
+    runner = Runner("tcmu-py", logdir)
+    runner.start()
+    try:
+        specs: list[tuple[str, Callable[[], Any]]] = [
+            (PREFIX + "prof-file", lambda: UserBackedStorageObject(
+                PREFIX + "prof-file", config=f"file/{image}", size=size, hw_max_sectors=1024)),
+            (PREFIX + "prof-ram", lambda: UserBackedStorageObject(
+                PREFIX + "prof-ram", config="ram/", size=size, hw_max_sectors=1024)),
+        ]
+        with exported(specs) as disks:
+            prefill(disks[PREFIX + "prof-ram"])
+            profile(runner.pid, disks[PREFIX + "prof-file"], outdir, "file")
+            profile(runner.pid, disks[PREFIX + "prof-ram"], outdir, "ram")
+    finally:
+        runner.stop()
 
 
 def main() -> int:
@@ -335,7 +352,7 @@ def main() -> int:
     ap.add_argument("--hw", default="128,1024")
     ap.add_argument("--size-mb", type=int, default=128)
     ap.add_argument("--image-dir", default="/dev/shm")
-    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile-only", action="store_true", help="py-spy the tcmu-py runner, no bench")
     args = ap.parse_args()
     args.hw = [int(x) for x in args.hw.split(",")]
     size = args.size_mb << 20
@@ -351,6 +368,10 @@ def main() -> int:
         "guest_cpus": os.cpu_count(), "kernel": os.uname().release, "image": str(image),
         "size_mb": args.size_mb, "rounds": args.rounds, "rand_seconds": args.rand_seconds,
         "seq_seconds": args.seq_seconds, "hw_max_sectors": args.hw}), flush=True)
+    if args.profile_only:
+        profile_only(image, size, logdir, outdir)
+        image.unlink()
+        return 0
     for rnd in range(1, args.rounds + 1):
         user_phase(args, rnd, "tcmu-py", image, size, logdir, outdir)
         user_phase(args, rnd, "tcmu-runner", image, size, logdir, outdir)

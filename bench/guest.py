@@ -194,6 +194,28 @@ def format_report(cases: list[dict[str, Any]], rats: list[dict[str, Any]]) -> st
     return "\n".join(lines)
 
 
+def summarize_profile(raw: str, top: int = 15) -> list[tuple[str, float, float]]:
+    """(frame, self share, inclusive share) of py-spy's raw (collapsed) stacks, the
+    frames with the most inclusive samples first."""
+    own: dict[str, int] = defaultdict(int)
+    incl: dict[str, int] = defaultdict(int)
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        own[frames[-1]] += n
+        for f in set(frames):
+            incl[f] += n
+    if not total:
+        return []
+    best = sorted(incl, key=lambda f: -incl[f])[:top]
+    return [(f, own[f] / total, incl[f] / total) for f in best]
+
+
 def loadavg() -> list[str]:
     return Path("/proc/loadavg").read_text().split()[:3]
 
@@ -206,7 +228,8 @@ def main() -> int:
     ap.add_argument("--seq-seconds", type=float)
     ap.add_argument("--hw", help="hw_max_sectors of the user backstores (default 128,1024; quick 1024)")
     ap.add_argument("--size-mb", type=int, default=128)
-    ap.add_argument("--profile", action="store_true", help="py-spy the tcmu-py runner (py-spy in .venv)")
+    ap.add_argument("--profile", action="store_true",
+                    help="only py-spy the tcmu-py runner under 4 KiB random reads (py-spy in .venv)")
     ap.add_argument("--from-log", help="only parse a guest-output.log of an earlier run")
     args = ap.parse_args()
     rand_s = args.rand_seconds or (3 if args.quick else 10)
@@ -221,11 +244,11 @@ def main() -> int:
         n_hw = len(hw.split(","))
         # fio wall + ~2 s fio start per job under TCG, ~60 s of runners and rtslib per round
         per_round = (3 + 2 + 2) * (2 * (rand_s + 2)) + (3 * n_hw + 2) * 2 * (seq_s + 2) + 90
-        guest_timeout = int(args.rounds * per_round * 1.5) + 120
+        guest_timeout = 400 if args.profile else int(args.rounds * per_round * 1.5) + 120
         run_dir = REPO / ".lab-runs" / f"bench-guest-{time.strftime('%Y%m%d-%H%M%S')}"
         cmd = (f".venv/bin/python bench/_guest_driver.py --rounds {args.rounds} --rand-seconds {rand_s:g} "
                f"--seq-seconds {seq_s:g} --hw {hw} --size-mb {args.size_mb}"
-               + (" --profile" if args.profile else ""))
+               + (" --profile-only" if args.profile else ""))
         print(f"# booting one guest (timeout {guest_timeout} s): {cmd}", flush=True)
         env = dict(os.environ, TCMU_VM_QUIET="1")
         proc = subprocess.Popen([str(REPO / "tests/vm/run-in-guest.sh"), "-t", str(guest_timeout), "-o",
@@ -240,7 +263,16 @@ def main() -> int:
         _follow(log, pos)
         print(proc.stdout.read(), end="")
         rc = proc.returncode
-    rows, info = parse_rows(log.read_text(errors="replace").splitlines() if log.exists() else [])
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    if args.profile:
+        for line in lines:
+            if line.startswith("BENCH-PROFILE "):
+                prof = json.loads(line[len("BENCH-PROFILE "):])
+                print(f"# py-spy, tcmu-py runner, 4 KiB random reads on {prof['tag']}: self incl frame")
+                for frame, own, incl in summarize_profile(prof["stacks"], 25):
+                    print(f"  {own:6.1%} {incl:6.1%}  {frame[:150]}")
+        return rc
+    rows, info = parse_rows(lines)
     cases = aggregate(rows)
     rats = ratios(cases)
     print(format_report(cases, rats))
