@@ -315,7 +315,7 @@ def profile(pid: int, disk: str, outdir: Path, tag: str) -> None:
     try:
         time.sleep(4)  # fio's start-up under TCG
         cmd = [str(spy), "record", "--pid", str(pid), "--duration", "8", "--native", "--threads",
-               "--idle", "--format", "raw", "--output", str(out), "--nonblocking"]
+               "--idle", "--format", "raw", "--output", str(out)]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         say(f"profile {tag}: py-spy rc {res.returncode} -> {out} {res.stderr[-300:]!r}")
     finally:

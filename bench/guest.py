@@ -8,15 +8,19 @@ A B A B): tcmu-py serving ``user:file`` (a raw image in the guest's /dev/shm) an
 (its qcow handler opens a raw file whose size is the device's); the in-kernel ``fileio``
 (same image) and ``rd_mcp``.  Every device is a tcm_loop LUN (rtslib); the user backstores
 exist with ``hw_max_sectors`` 128 and 1024.  fio: 4 KiB randread/randwrite at QD32 and
-1 MiB sequential read/write at QD8 (libaio, direct=1, time based).
+1 MiB sequential read/write at QD8 (libaio, direct=1, time based); 4 KiB random jobs do
+not depend on hw_max_sectors, so the 128-sector devices run only the sequential ones.
 
 Printed per case: IOPS, MB/s, completion latency p50/p99, the runner's CPU µs per I/O
 (utime+stime of the whole runner process from /proc/<pid>/stat around the fio run,
 divided by fio's I/O count), then the ratios tcmu-py/C tcmu-runner, tcmu-py file/fileio
 and tcmu-py ram/rd_mcp.  Ends with one JSON line holding every figure.
 
-    sudo .venv/bin/python bench/guest.py            # 2 rounds, ~10 min under TCG
-    sudo .venv/bin/python bench/guest.py --quick    # 2 rounds, hw_max_sectors 1024 only, ~4 min
+    sudo .venv/bin/python bench/guest.py            # 2 rounds, 6 s / 4 s jobs: ~8-11 min under TCG
+    sudo .venv/bin/python bench/guest.py --quick    # 2 rounds, hw_max_sectors 1024, 3 s / 2 s: ~4-8 min
+    sudo .venv/bin/python bench/guest.py --profile  # no bench: py-spy the tcmu-py runner (~2 min)
+
+The wall times grow with the host's load (each fio start-up alone takes ~4 s under TCG).
 """
 
 from __future__ import annotations
@@ -194,26 +198,28 @@ def format_report(cases: list[dict[str, Any]], rats: list[dict[str, Any]]) -> st
     return "\n".join(lines)
 
 
-def summarize_profile(raw: str, top: int = 15) -> list[tuple[str, float, float]]:
-    """(frame, self share, inclusive share) of py-spy's raw (collapsed) stacks, the
-    frames with the most inclusive samples first."""
-    own: dict[str, int] = defaultdict(int)
-    incl: dict[str, int] = defaultdict(int)
-    total = 0
+def summarize_profile(raw: str, thread: str = "MainThread", top: int = 12) -> dict[str, Any]:
+    """Where one thread's samples go, from py-spy's raw (collapsed) stacks, root first:
+    its sample count, the share spent idle in epoll_wait, and its busiest stacks (the
+    innermost frames) as shares of all its samples."""
+    stacks: dict[str, int] = defaultdict(int)
+    total = idle = 0
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
+        frames = stack.split(";")
+        if not any(f.startswith("thread (") and f.endswith(thread) for f in frames):
+            continue
         n = int(count)
         total += n
-        frames = stack.split(";")
-        own[frames[-1]] += n
-        for f in set(frames):
-            incl[f] += n
-    if not total:
-        return []
-    best = sorted(incl, key=lambda f: -incl[f])[:top]
-    return [(f, own[f] / total, incl[f] / total) for f in best]
+        if frames[-1].startswith("epoll_wait"):
+            idle += n
+            continue
+        stacks[" <- ".join(reversed([f for f in frames if not f.startswith("thread (")][-5:]))] += n
+    busiest = sorted(stacks, key=lambda k: -stacks[k])[:top]
+    return {"thread": thread, "samples": total, "idle": idle / total if total else None,
+            "stacks": [(k, stacks[k] / total) for k in busiest]}
 
 
 def loadavg() -> list[str]:
@@ -232,8 +238,8 @@ def main() -> int:
                     help="only py-spy the tcmu-py runner under 4 KiB random reads (py-spy in .venv)")
     ap.add_argument("--from-log", help="only parse a guest-output.log of an earlier run")
     args = ap.parse_args()
-    rand_s = args.rand_seconds or (3 if args.quick else 10)
-    seq_s = args.seq_seconds or (2 if args.quick else 5)
+    rand_s = args.rand_seconds or (3 if args.quick else 6)
+    seq_s = args.seq_seconds or (2 if args.quick else 4)
     hw = args.hw or ("1024" if args.quick else "128,1024")
     host_load0 = loadavg()
     t0 = time.monotonic()
@@ -268,9 +274,12 @@ def main() -> int:
         for line in lines:
             if line.startswith("BENCH-PROFILE "):
                 prof = json.loads(line[len("BENCH-PROFILE "):])
-                print(f"# py-spy, tcmu-py runner, 4 KiB random reads on {prof['tag']}: self incl frame")
-                for frame, own, incl in summarize_profile(prof["stacks"], 25):
-                    print(f"  {own:6.1%} {incl:6.1%}  {frame[:150]}")
+                summ = summarize_profile(prof["stacks"])
+                idle = summ["idle"] or 0.0
+                print(f"# py-spy, tcmu-py runner main thread, 4 KiB random reads on {prof['tag']}: "
+                      f"{summ['samples']} samples, {idle:.1%} idle in epoll_wait; busiest stacks:")
+                for stack, share in summ["stacks"]:
+                    print(f"  {share:6.1%}  {stack[:220]}")
         return rc
     rows, info = parse_rows(lines)
     cases = aggregate(rows)

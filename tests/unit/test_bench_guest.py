@@ -100,3 +100,19 @@ def test_parse_rows_reads_rows_and_merges_info(guest: ModuleType) -> None:
     rows, info = guest.parse_rows(lines)
     assert rows == [{"iops": 5}]
     assert info == {"a": 1, "b": 2}
+
+
+def test_summarize_profile_reads_one_thread_and_its_idle_share(guest: ModuleType) -> None:
+    raw = "\n".join([
+        "thread (1): MainThread;main (cli.py:1);select;epoll_wait (libc.so.6) 60",
+        "thread (1): MainThread;main (cli.py:1);flush;write (libc.so.6) 30",
+        "thread (1): MainThread;main (cli.py:1);drain (ring.py:2) 10",
+        "thread (7): asyncio_0;_worker;epoll_wait (libc.so.6) 500",  # another thread: not counted
+        "garbage line",
+    ])
+    s = guest.summarize_profile(raw)
+    assert s["samples"] == 100
+    assert s["idle"] == pytest.approx(0.6)
+    assert s["stacks"] == [("write (libc.so.6) <- flush <- main (cli.py:1)", 0.3),
+                           ("drain (ring.py:2) <- main (cli.py:1)", 0.1)]
+    assert guest.summarize_profile("")["idle"] is None
