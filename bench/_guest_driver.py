@@ -303,14 +303,14 @@ def kernel_phase(args: argparse.Namespace, rnd: int, image: Path, size: int, out
         measure(args, rnd, "rd_mcp", disks[PREFIX + "rd_mcp"], None, list(JOBS), None, outdir)
 
 
-def profile(pid: int, disk: str, outdir: Path, tag: str) -> None:
-    """py-spy on the runner during a 4 KiB random read run (when py-spy is installed)."""
+def profile(pid: int, disk: str, outdir: Path, tag: str, job: str) -> None:
+    """py-spy on the runner during a fio ``job`` (when py-spy is installed)."""
     spy = REPO / ".venv/bin/py-spy"
     if not spy.exists():
         say("profile: no .venv/bin/py-spy (pip install py-spy)")
         return
-    out = outdir / f"py-spy-{tag}.txt"
-    fio = subprocess.Popen(fio_command(disk, "randread4k", 14, str(outdir / "prof-fio.json")),
+    out = outdir / f"py-spy-{tag.replace(' ', '-')}.txt"
+    fio = subprocess.Popen(fio_command(disk, job, 14, str(outdir / "prof-fio.json")),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(4)  # fio's start-up under TCG
@@ -324,7 +324,7 @@ def profile(pid: int, disk: str, outdir: Path, tag: str) -> None:
           flush=True)
 
 
-def profile_only(image: Path, size: int, logdir: Path, outdir: Path) -> None:
+def profile_only(image: Path, size: int, logdir: Path, outdir: Path, job: str, hw: int) -> None:
     from rtslib_fb import UserBackedStorageObject
 
     runner = Runner("tcmu-py", logdir)
@@ -332,14 +332,14 @@ def profile_only(image: Path, size: int, logdir: Path, outdir: Path) -> None:
     try:
         specs: list[tuple[str, Callable[[], Any]]] = [
             (PREFIX + "prof-file", lambda: UserBackedStorageObject(
-                PREFIX + "prof-file", config=f"file/{image}", size=size, hw_max_sectors=1024)),
+                PREFIX + "prof-file", config=f"file/{image}", size=size, hw_max_sectors=hw)),
             (PREFIX + "prof-ram", lambda: UserBackedStorageObject(
-                PREFIX + "prof-ram", config="ram/", size=size, hw_max_sectors=1024)),
+                PREFIX + "prof-ram", config="ram/", size=size, hw_max_sectors=hw)),
         ]
         with exported(specs) as disks:
             prefill(disks[PREFIX + "prof-ram"])
-            profile(runner.pid, disks[PREFIX + "prof-file"], outdir, "file")
-            profile(runner.pid, disks[PREFIX + "prof-ram"], outdir, "ram")
+            profile(runner.pid, disks[PREFIX + "prof-file"], outdir, f"file hw {hw} {job}", job)
+            profile(runner.pid, disks[PREFIX + "prof-ram"], outdir, f"ram hw {hw} {job}", job)
     finally:
         runner.stop()
 
@@ -353,6 +353,7 @@ def main() -> int:
     ap.add_argument("--size-mb", type=int, default=128)
     ap.add_argument("--image-dir", default="/dev/shm")
     ap.add_argument("--profile-only", action="store_true", help="py-spy the tcmu-py runner, no bench")
+    ap.add_argument("--profile-job", default="randread4k", choices=list(JOBS))
     args = ap.parse_args()
     args.hw = [int(x) for x in args.hw.split(",")]
     size = args.size_mb << 20
@@ -369,7 +370,7 @@ def main() -> int:
         "size_mb": args.size_mb, "rounds": args.rounds, "rand_seconds": args.rand_seconds,
         "seq_seconds": args.seq_seconds, "hw_max_sectors": args.hw}), flush=True)
     if args.profile_only:
-        profile_only(image, size, logdir, outdir)
+        profile_only(image, size, logdir, outdir, args.profile_job, max(args.hw))
         image.unlink()
         return 0
     for rnd in range(1, args.rounds + 1):

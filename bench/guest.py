@@ -235,7 +235,9 @@ def main() -> int:
     ap.add_argument("--hw", help="hw_max_sectors of the user backstores (default 128,1024; quick 1024)")
     ap.add_argument("--size-mb", type=int, default=128)
     ap.add_argument("--profile", action="store_true",
-                    help="only py-spy the tcmu-py runner under 4 KiB random reads (py-spy in .venv)")
+                    help="only py-spy the tcmu-py runner during one fio job (py-spy in .venv)")
+    ap.add_argument("--profile-job", default="randread4k", choices=list(JOBS),
+                    help="the job --profile runs (at the largest --hw)")
     ap.add_argument("--from-log", help="only parse a guest-output.log of an earlier run")
     args = ap.parse_args()
     rand_s = args.rand_seconds or (3 if args.quick else 6)
@@ -254,7 +256,7 @@ def main() -> int:
         run_dir = REPO / ".lab-runs" / f"bench-guest-{time.strftime('%Y%m%d-%H%M%S')}"
         cmd = (f".venv/bin/python bench/_guest_driver.py --rounds {args.rounds} --rand-seconds {rand_s:g} "
                f"--seq-seconds {seq_s:g} --hw {hw} --size-mb {args.size_mb}"
-               + (" --profile-only" if args.profile else ""))
+               + (f" --profile-only --profile-job {args.profile_job}" if args.profile else ""))
         print(f"# booting one guest (timeout {guest_timeout} s): {cmd}", flush=True)
         env = dict(os.environ, TCMU_VM_QUIET="1")
         proc = subprocess.Popen([str(REPO / "tests/vm/run-in-guest.sh"), "-t", str(guest_timeout), "-o",
@@ -276,7 +278,7 @@ def main() -> int:
                 prof = json.loads(line[len("BENCH-PROFILE "):])
                 summ = summarize_profile(prof["stacks"])
                 idle = summ["idle"] or 0.0
-                print(f"# py-spy, tcmu-py runner main thread, 4 KiB random reads on {prof['tag']}: "
+                print(f"# py-spy, tcmu-py runner main thread, {prof['tag']}: "
                       f"{summ['samples']} samples, {idle:.1%} idle in epoll_wait; busiest stacks:")
                 for stack, share in summ["stacks"]:
                     print(f"  {share:6.1%}  {stack[:220]}")
