@@ -310,6 +310,10 @@ def profile(pid: int, disk: str, outdir: Path, tag: str, job: str) -> None:
         say("profile: no .venv/bin/py-spy (pip install py-spy)")
         return
     out = outdir / f"py-spy-{tag.replace(' ', '-')}.txt"
+    # the same job without py-spy first: what the profiled case costs undisturbed
+    plain = run_fio(disk, job, 6 if job.startswith("rand") else 4, pid, outdir)
+    say(f"profile {tag}: unprofiled {plain['iops']:.0f} IOPS, runner "
+        f"{plain.get('runner_cpu_us_per_io') or 0:.0f} CPU us/IO")
     fio = subprocess.Popen(fio_command(disk, job, 14, str(outdir / "prof-fio.json")),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -320,8 +324,9 @@ def profile(pid: int, disk: str, outdir: Path, tag: str, job: str) -> None:
         say(f"profile {tag}: py-spy rc {res.returncode} -> {out} {res.stderr[-300:]!r}")
     finally:
         fio.wait(60)
-    print("BENCH-PROFILE " + json.dumps({"tag": tag, "stacks": out.read_text() if out.exists() else ""}),
-          flush=True)
+    profiled = parse_fio_json((outdir / "prof-fio.json").read_text())
+    print("BENCH-PROFILE " + json.dumps({"tag": tag, "unprofiled": plain, "profiled_fio": profiled,
+                                         "stacks": out.read_text() if out.exists() else ""}), flush=True)
 
 
 def profile_only(image: Path, size: int, logdir: Path, outdir: Path, job: str, hw: int) -> None:

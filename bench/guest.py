@@ -278,6 +278,10 @@ def main() -> int:
                 prof = json.loads(line[len("BENCH-PROFILE "):])
                 summ = summarize_profile(prof["stacks"])
                 idle = summ["idle"] or 0.0
+                plain, profd = prof.get("unprofiled") or {}, prof.get("profiled_fio") or {}
+                print(f"# {prof['tag']}: without py-spy {plain.get('iops', 0):.0f} IOPS, runner "
+                      f"{plain.get('runner_cpu_us_per_io') or 0:.0f} CPU us/IO; under py-spy "
+                      f"{profd.get('iops', 0):.0f} IOPS")
                 print(f"# py-spy, tcmu-py runner main thread, {prof['tag']}: "
                       f"{summ['samples']} samples, {idle:.1%} idle in epoll_wait; busiest stacks:")
                 for stack, share in summ["stacks"]:
