@@ -92,3 +92,18 @@ class Runner:
             self.proc.kill()
             self.proc.wait(10)
             raise
+
+
+def loopback_disk(wwn: str, lun: int, timeout: float = 60.0) -> str:
+    """/dev/sdX of a LUN of a tcm_loop target (its tpgt_1/address is host:channel:target)."""
+    address = Path(f"/sys/kernel/config/target/loopback/{wwn}/tpgt_1/address").read_text().strip()
+    block = Path(f"/sys/bus/scsi/devices/{address}:{lun}/block")
+    deadline = time.monotonic() + timeout
+    while not (block.is_dir() and any(block.iterdir())):
+        assert time.monotonic() < deadline, f"no block device for {address}:{lun} in {timeout} s"
+        time.sleep(0.2)
+    dev = Path("/dev") / next(block.iterdir()).name
+    while not dev.exists():
+        assert time.monotonic() < deadline, f"{dev} did not appear"
+        time.sleep(0.2)
+    return str(dev)

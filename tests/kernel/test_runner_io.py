@@ -30,7 +30,7 @@ from tcmu_py.control import ConfigFS, bounded_write
 
 from .blockio import read_direct, write_direct
 from .conftest import NAME_PREFIX, OP_TIMEOUT, in_background
-from .runnerproc import Runner, log_dir, require_guest
+from .runnerproc import Runner, log_dir, loopback_disk, require_guest
 
 pytestmark = [
     pytest.mark.guest,
@@ -100,28 +100,13 @@ def disks(runner: Runner) -> dict[str, str]:
             LUN(tpg, LUNS[name], so)
 
     in_background(create, "create the runner-io objects").result(3 * OP_TIMEOUT)
-    out = {name: _loopback_disk(WWN, lun) for name, lun in LUNS.items()}
+    out = {name: loopback_disk(WWN, lun) for name, lun in LUNS.items()}
     for dev in out.values():
         Path(f"/sys/block/{os.path.basename(dev)}/device/timeout").write_text(str(SD_TIMEOUT_S))
     return out
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-def _loopback_disk(wwn: str, lun: int, timeout: float = 60.0) -> str:
-    """/dev/sdX of a LUN of a tcm_loop target (its tpgt_1/address is host:channel:target)."""
-    address = Path(f"/sys/kernel/config/target/loopback/{wwn}/tpgt_1/address").read_text().strip()
-    block = Path(f"/sys/bus/scsi/devices/{address}:{lun}/block")
-    deadline = time.monotonic() + timeout
-    while not (block.is_dir() and any(block.iterdir())):
-        assert time.monotonic() < deadline, f"no block device for {address}:{lun} in {timeout} s"
-        time.sleep(0.2)
-    dev = Path("/dev") / next(block.iterdir()).name
-    while not dev.exists():
-        assert time.monotonic() < deadline, f"{dev} did not appear"
-        time.sleep(0.2)
-    return str(dev)
-
 
 def _roundtrip(disk: str, offset: int = 1 << 20) -> None:
     data = os.urandom(64 << 10)
