@@ -100,7 +100,7 @@ def effective(cfg: RunnerConfig, args: argparse.Namespace) -> tuple[int, str]:
 async def serve(args: argparse.Namespace, logs: LogSetup, watcher: ConfigWatcher) -> int:
     from tcmu_py.control.configfs import ConfigFS
     from tcmu_py.control.netlink import TcmuNetlinkError, load_module
-    from tcmu_py.daemon import Runner
+    from tcmu_py.daemon import Runner, default_uio_monitor
     from tcmu_py.registry import load_handlers
 
     loop = asyncio.get_running_loop()
@@ -111,7 +111,8 @@ async def serve(args: argparse.Namespace, logs: LogSetup, watcher: ConfigWatcher
     handlers = load_handlers(args.handler_path)
     if not handlers:
         raise Fatal("no handler could be loaded; nothing to serve")
-    runner = Runner(loop, handlers, configfs=ConfigFS(args.configfs_root))
+    runner = Runner(loop, handlers, configfs=ConfigFS(args.configfs_root),
+                    uio_monitor=default_uio_monitor)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
