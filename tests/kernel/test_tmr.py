@@ -173,3 +173,12 @@ def test_abort_task_of_a_read_held_in_the_handler(disk: str, runner: Runner, tmp
     more = os.urandom(64 << 10)
     write_direct(disk, 8 << 20, more)
     assert read_direct(disk, 8 << 20, len(more)) == more
+
+
+def test_the_uevent_signal_runs_and_attached_nothing_twice(disk: str, runner: Runner) -> None:
+    """The runner listens to uio uevents too; with netlink working they change nothing."""
+    time.sleep(2.5)  # past the runner's grace period for a uio "add"
+    log = runner.log()
+    assert "uio uevents: listening (kernel events)" in log, log
+    assert "without a netlink" not in log, log
+    assert len(re.findall(rf"{NAME}: serving ", log)) == 1, log
