@@ -111,7 +111,7 @@ def effective(cfg: RunnerConfig, args: argparse.Namespace) -> tuple[int, str]:
 async def serve(args: argparse.Namespace, logs: LogSetup, watcher: ConfigWatcher) -> int:
     from tcmu_py.control.configfs import ConfigFS
     from tcmu_py.control.netlink import TcmuNetlinkError, load_module
-    from tcmu_py.daemon import Runner
+    from tcmu_py.daemon import Runner, default_uio_monitor
     from tcmu_py.registry import load_handlers
 
     loop = asyncio.get_running_loop()
@@ -122,7 +122,8 @@ async def serve(args: argparse.Namespace, logs: LogSetup, watcher: ConfigWatcher
     handlers = load_handlers(args.handler_path)
     if not handlers:
         raise Fatal("no handler could be loaded; nothing to serve")
-    runner = Runner(loop, handlers, configfs=ConfigFS(args.configfs_root))
+    runner = Runner(loop, handlers, configfs=ConfigFS(args.configfs_root),
+                    uio_monitor=default_uio_monitor)
     runner.engine.metrics_enabled = not args.no_metrics
     extras = await start_operability(args, runner)
     stop = asyncio.Event()

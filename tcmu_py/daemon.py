@@ -9,11 +9,19 @@ kernel waiter without one hangs in D state forever (§1.12).
 
 Events are handled one at a time, in order, on the loop; blocking work (handler open,
 configfs writes) runs on worker threads so the rings of other devices keep flowing.
+
+uio add/remove uevents (pyudev, :class:`~tcmu_py.control.uio.UioMonitor`) are the second
+signal: they go through the same queue and are reconciled against what netlink did.  A uio
+device that appears without a netlink ADDED (after a grace period that lets the ADDED, sent
+right after the uio registration, go first) is attached once; one that goes away while still
+served (its REMOVED never came) is released once.  A device is never attached twice: ADDED
+for a device the uevent path already attached is answered 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import logging
@@ -26,6 +34,7 @@ from tcmu_py import attach
 from tcmu_py.control import configfs as cfs
 from tcmu_py.control import uio
 from tcmu_py.control.netlink import NetlinkEvent, TcmuCmd, TcmuNetlink
+from tcmu_py.control.uio import UioEvent
 from tcmu_py.engine import Device, Engine
 from tcmu_py.handler import Handler, split_runner_options
 from tcmu_py.ring import Ring
@@ -35,6 +44,16 @@ log = logging.getLogger("tcmu_py.daemon")
 __all__ = ["Runner", "Served"]
 
 _STOP_DRAIN_S = 5.0
+#: how long a uio "add" waits before it is reconciled: the kernel sends netlink ADDED right
+#: after registering the uio device, so ADDED is normally handled first
+UIO_ADD_GRACE_S = 2.0
+
+
+def default_uio_monitor() -> Any:
+    """The uio uevent monitor for this host: udevd's events when udevd runs (the /dev node
+    is then ready), the kernel's own uevents otherwise (no udevd, e.g. the test guest)."""
+    source = "udev" if os.path.exists("/run/udev/control") else "kernel"
+    return uio.UioMonitor(source=source)
 
 
 @dataclass
@@ -66,6 +85,8 @@ class Runner:
         use_netlink: bool = True,
         ring_factory: Callable[[int, int], tuple[int, Ring]] | None = None,
         exclusive: bool = True,
+        uio_monitor: Callable[[], Any] | None = None,
+        uio_add_grace: float = UIO_ADD_GRACE_S,
     ) -> None:
         self.loop = loop
         self.handlers = dict(handlers)
@@ -85,7 +106,14 @@ class Runner:
         #: configfs write hangs.  False in an external handler process (tcmu_py.external): it
         #: answers only its own subtypes and leaves the module-wide state alone.
         self.exclusive = exclusive
-        self._events: asyncio.Queue[NetlinkEvent | None] = asyncio.Queue()
+        #: makes the uio uevent monitor (``start``/``fileno``/``poll``/``close``); None: off
+        self.uio_monitor_factory = uio_monitor
+        self.uio_monitor: Any = None
+        self.uio_add_grace = uio_add_grace
+        #: minors whose netlink ADDED was handled (served or refused): no uevent attach
+        self._netlink_added: set[int] = set()
+        self.counters = {"udev_attached": 0, "udev_released": 0}
+        self._events: asyncio.Queue[NetlinkEvent | UioEvent | None] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self.stopping = False
 
@@ -107,6 +135,18 @@ class Runner:
             if self.exclusive:
                 self.netlink.set_features(reply_supported=True)
             self.loop.add_reader(self.netlink.fileno(), self._on_netlink)
+        if self.uio_monitor_factory is not None:
+            # before the scan, so a device appearing during it is heard of
+            try:
+                mon = self.uio_monitor_factory()
+                mon.start()
+            except Exception as e:  # noqa: BLE001 - the second signal is optional
+                log.warning("uio uevent monitor unavailable (%s); netlink only", e)
+            else:
+                self.uio_monitor = mon
+                self.loop.add_reader(mon.fileno(), self._on_uio)
+                log.info("uio uevents: listening (%s events)", getattr(mon, "source", "uio"))
+        if self.netlink is not None or self.uio_monitor is not None:
             self._worker = self.loop.create_task(self._event_worker())
         for info in uio.scan(self.uio_root, self.dev_root):
             if info.subtype in self.external or info.subtype not in self.handlers:
@@ -146,11 +186,29 @@ class Runner:
         for ev in events:
             self._events.put_nowait(ev)
 
+    def _on_uio(self) -> None:
+        try:
+            events = self.uio_monitor.poll()
+        except OSError as e:
+            log.error("uio uevent receive failed: %s", e)
+            return
+        for ev in events:
+            if ev.action == "add":
+                self.loop.call_later(self.uio_add_grace, self._events.put_nowait, ev)
+            else:
+                self._events.put_nowait(ev)
+
     async def _event_worker(self) -> None:
         while True:
             ev = await self._events.get()
             if ev is None:
                 return
+            if isinstance(ev, UioEvent):
+                try:
+                    await self.reconcile_uio(ev)
+                except Exception as e:
+                    log.exception("uio %s of uio%d failed: %s", ev.action, ev.minor, e)
+                continue
             try:
                 status = await self.handle_event(ev)
             except Exception as e:
@@ -175,6 +233,11 @@ class Runner:
         if ev.cmd == TcmuCmd.ADDED_DEVICE:
             if self.stopping:
                 return -errno.ESHUTDOWN
+            self._netlink_added.add(ev.minor)
+            s = self.served.get((name.hba, name.dev_name))
+            if s is not None and s.minor == ev.minor:
+                log.info("%s: ADDED for a device already attached from its uevent", name.dev_name)
+                return 0
             info = uio.read_uio(os.path.join(self.uio_root, f"uio{ev.minor}"), self.dev_root)
             if info is None:
                 log.error("%s: /sys/class/uio/uio%d is not a tcm-user device", name.dev_name, ev.minor)
@@ -187,6 +250,7 @@ class Runner:
                 return -_errno_of(e)
             return 0
         if ev.cmd == TcmuCmd.REMOVED_DEVICE:
+            self._netlink_added.discard(ev.minor)
             s = self.served.pop((name.hba, name.dev_name), None)
             if s is not None:
                 await self._detach(s)
@@ -199,6 +263,51 @@ class Runner:
             return await self._reconfig(s, ev)
         log.warning("netlink: ignoring command %s", ev.cmd)
         return -errno.EOPNOTSUPP
+
+    # -- uio uevents: the second signal -------------------------------------------------------
+    async def reconcile_uio(self, ev: UioEvent) -> str | None:
+        """Bring ``served`` in line with a uio add/remove: "attached", "released" or None
+        (nothing to do: netlink handled it, or the device is not ours)."""
+        if self.stopping:
+            return None
+        path = os.path.join(self.uio_root, f"uio{ev.minor}")
+        log.debug("uio%d %s: reconciling", ev.minor, ev.action)
+        if ev.action == "add":
+            if ev.minor in self._netlink_added:
+                return None  # ADDED came first (served, or refused with its reply)
+            info = uio.read_uio(path, self.dev_root)
+            if info is None:
+                return None  # gone again, or not a tcm-user device
+            if (info.hba, info.dev_name) in self.served or any(
+                    s.minor == ev.minor for s in self.served.values()):
+                return None
+            if info.subtype in self.external or info.subtype not in self.handlers:
+                return None
+            log.warning("%s (uio%d): appeared without a netlink ADDED; attaching it",
+                        info.dev_name, ev.minor)
+            try:
+                await self._attach(info.hba, info.dev_name, info.cfgstring, ev.minor,
+                                   info.map_size, reattach=False)
+            except attach.AttachError as e:
+                log.error("add (from the uevent) refused: %s", e)
+                return None
+            self.counters["udev_attached"] += 1
+            return "attached"
+        if ev.action == "remove":
+            self._netlink_added.discard(ev.minor)
+            s = next((s for s in self.served.values() if s.minor == ev.minor), None)
+            if s is None:
+                return None  # REMOVED came first, as it should
+            info = uio.read_uio(path, self.dev_root)
+            if info is not None and (info.hba, info.dev_name) == s.key:
+                return None  # a stale event: the device at that minor is still this one
+            self.served.pop(s.key, None)
+            log.warning("%s (uio%d): went away without a netlink REMOVED; releasing it",
+                        s.name, ev.minor)
+            self.counters["udev_released"] += 1
+            await self._detach(s)
+            return "released"
+        return None
 
     # -- attach / detach -------------------------------------------------------------------
     async def _attach(self, hba: int, name: str, dev_config: str, minor: int, map_size: int,
@@ -360,6 +469,11 @@ class Runner:
             # answer anything already queued so no configfs writer is left waiting
             for ev in self.netlink.recv_events() if _readable(self.netlink.fileno()) else []:
                 self._events.put_nowait(ev)
+        if self.uio_monitor is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(self.uio_monitor.fileno())
+            self.uio_monitor.close()
+            self.uio_monitor = None
         self._events.put_nowait(None)
         if self._worker is not None:
             try:

@@ -49,6 +49,12 @@ _CAW_OPCODE = 0x89
 #: cannot place another command and queues it (qfull, reference/tcmu.md §1.6)
 _RING_FULL_SLACK = 1024
 _RING_FULL_MIN_CMDS = 8
+_TMR_NAMES = {
+    abi.TMR_ABORT_TASK: "ABORT_TASK", abi.TMR_ABORT_TASK_SET: "ABORT_TASK_SET",
+    abi.TMR_CLEAR_ACA: "CLEAR_ACA", abi.TMR_CLEAR_TASK_SET: "CLEAR_TASK_SET",
+    abi.TMR_LUN_RESET: "LUN_RESET", abi.TMR_TARGET_WARM_RESET: "TARGET_WARM_RESET",
+    abi.TMR_TARGET_COLD_RESET: "TARGET_COLD_RESET", abi.TMR_LUN_RESET_PRO: "LUN_RESET_PRO",
+}
 
 
 def _sense_bytes(err: m.SenseError) -> bytes:
@@ -422,8 +428,11 @@ class Device:
         afut.add_done_callback(lambda f: self._resolved(cmd, f, done, what))
 
     def _resolved(self, cmd: Command, fut: Any, done: Callable[..., None], what: str) -> None:
-        if self.inflight.pop(cmd.cmd_id, None) is None:
-            return  # already answered (stop or recovery failed it): drop the late result
+        if self.inflight.get(cmd.cmd_id) is not cmd:
+            # already answered (stop or recovery failed it), its id maybe reused by a newer
+            # command that is in flight now: drop the late result, leave the newer one alone
+            return
+        del self.inflight[cmd.cmd_id]
         exc = fut.exception()
         done(cmd, None if exc else fut.result(), exc, what)
         mt = self.metrics
@@ -535,17 +544,24 @@ class Device:
 
     # -- the unusual entries ----------------------------------------------------------------
     def _tmr(self, ent: TmrEntry) -> None:
-        """TMR notification: mark aborted commands; their results still get completed
-        (the kernel drops them), so the ring stays consistent (§1.5)."""
+        """TMR notification (§1.5): count and log it, mark the aborted commands.
+
+        Nothing is completed early: the kernel answers the initiator only once every aborted
+        command that is in the ring has been completed by us, and drops those results.  A
+        handler call still running (a WRITE included) must finish first, so that no aborted
+        command can change the medium after the abort was answered.  A LUN RESET needs no
+        unit attention from us either: LIO's core queues 29/03 itself for every I_T nexus,
+        and a second one (ours) would reach the initiator as a second reset."""
         self.counters["tmr"] += 1
+        busy = 0
         for cid in ent.cmd_ids:
             c = self.inflight.get(cid)
             if c is not None:
                 c.state = 1
-        if ent.tmr_type in (abi.TMR_LUN_RESET, abi.TMR_LUN_RESET_PRO):
-            from tcmu_py.scsi import add_unit_attention
-
-            add_unit_attention(self.state, 0x29, 0x00)
+                busy += 1
+        log.info("%s: TMR %s: %d aborted command(s) in the ring, %d of them in the handler",
+                 self.name, _TMR_NAMES.get(ent.tmr_type, f"type {ent.tmr_type}"),
+                 len(ent.cmd_ids), busy)
 
     def _malformed(self, ent: MalformedEntry) -> None:
         self.counters["malformed"] += 1

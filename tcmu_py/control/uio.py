@@ -133,6 +133,7 @@ class UioMonitor:
     def __init__(self, source: str = "udev") -> None:
         import pyudev  # imported here so the rest of the module works without libudev
 
+        self.source = source
         self._context = pyudev.Context()
         self._monitor: Any = pyudev.Monitor.from_netlink(self._context, source=source)
         self._monitor.filter_by("uio")

@@ -19,7 +19,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,14 +29,14 @@ import pytest
 from tcmu_py.control import ConfigFS, bounded_write
 
 from .blockio import read_direct, write_direct
-from .conftest import NAME_PREFIX, OP_TIMEOUT, in_background, kernel_unavailable
+from .conftest import NAME_PREFIX, OP_TIMEOUT, in_background
+from .runnerproc import Runner, log_dir, loopback_disk, require_guest
 
 pytestmark = [
     pytest.mark.guest,
     pytest.mark.filterwarnings("ignore:Cannot set dbroot:UserWarning"),
 ]
 
-START_TIMEOUT_S = 180.0  # the runner's imports under TCG take seconds, not milliseconds
 WWN = "naa.5001405aabbcc100"
 FILE = NAME_PREFIX + "io-file"
 RAM = NAME_PREFIX + "io-ram"
@@ -49,71 +48,10 @@ LUNS = {FILE: 0, RAM: 1, SMALL: 2}
 SD_TIMEOUT_S = 180  # the initiator's per-command timeout: longer than a runner restart
 
 
-def _unavailable(why: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"kernel tier cannot run: {why}; run it with tests/vm/run-guest-tests.sh")
-    pytest.skip(f"kernel tier: {why}; run it with tests/vm/run-guest-tests.sh")
-
-
-class Runner:
-    """One tcmu-py-runner at a time, its log in ``logdir/tcmu-py-runner.log``."""
-
-    def __init__(self, logdir: Path) -> None:
-        self.logdir = logdir
-        self.log_path = logdir / "tcmu-py-runner.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def start(self) -> str:
-        """Start the runner and wait for its ready line; that line."""
-        assert self.proc is None or self.proc.poll() is not None, "a runner is still running"
-        offset = len(self.log())
-        self.starts += 1
-        with open(self.logdir / f"runner-io-{self.starts}.out", "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tcmu_py.cli", "-l", str(self.logdir), "--no-dbus",
-                 "--lock-file", "/run/tcmu-py-io.lock"],
-                stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            m = re.search(r"^.*tcmu-py runner ready.*$", self.log()[offset:], re.M)
-            if m:
-                return m.group(0)
-            assert self.proc.poll() is None, f"tcmu-py-runner exited with {self.proc.returncode}"
-            assert time.monotonic() < deadline, f"the runner was not ready in {START_TIMEOUT_S} s"
-            time.sleep(0.3)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            raise
-
-
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
-    why = kernel_unavailable()
-    if why is not None:
-        _unavailable(why)
-    if os.environ.get("TCMU_VM_GUEST") != "1":
-        _unavailable("this module creates SCSI disks and runs fio/sg_format: only in the guest")
-    run_dir = os.environ.get("TCMU_VM_RUN_DIR")
-    logdir = Path(run_dir) / "runner-io" if run_dir else tmp_path_factory.mktemp("runner-io")
-    logdir.mkdir(parents=True, exist_ok=True)
-    r = Runner(logdir)
+    require_guest("this module creates SCSI disks and runs fio/sg_format")
+    r = Runner(log_dir(tmp_path_factory, "runner-io"))
     r.start()
     try:
         yield r
@@ -162,28 +100,13 @@ def disks(runner: Runner) -> dict[str, str]:
             LUN(tpg, LUNS[name], so)
 
     in_background(create, "create the runner-io objects").result(3 * OP_TIMEOUT)
-    out = {name: _loopback_disk(WWN, lun) for name, lun in LUNS.items()}
+    out = {name: loopback_disk(WWN, lun) for name, lun in LUNS.items()}
     for dev in out.values():
         Path(f"/sys/block/{os.path.basename(dev)}/device/timeout").write_text(str(SD_TIMEOUT_S))
     return out
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-def _loopback_disk(wwn: str, lun: int, timeout: float = 60.0) -> str:
-    """/dev/sdX of a LUN of a tcm_loop target (its tpgt_1/address is host:channel:target)."""
-    address = Path(f"/sys/kernel/config/target/loopback/{wwn}/tpgt_1/address").read_text().strip()
-    block = Path(f"/sys/bus/scsi/devices/{address}:{lun}/block")
-    deadline = time.monotonic() + timeout
-    while not (block.is_dir() and any(block.iterdir())):
-        assert time.monotonic() < deadline, f"no block device for {address}:{lun} in {timeout} s"
-        time.sleep(0.2)
-    dev = Path("/dev") / next(block.iterdir()).name
-    while not dev.exists():
-        assert time.monotonic() < deadline, f"{dev} did not appear"
-        time.sleep(0.2)
-    return str(dev)
-
 
 def _roundtrip(disk: str, offset: int = 1 << 20) -> None:
     data = os.urandom(64 << 10)
