@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -45,7 +46,7 @@ sys.path.insert(0, str(REPO))
 from tests.kernel import ceph_guest  # noqa: E402 - after the path is set
 
 POOL, IMAGE = "rbd", "bench"
-IMAGE_SIZE = 128 << 20
+IMAGE_SIZE = 64 << 20
 WWN = "naa.5001405aabbcc7b0"
 NAME = "tcmupy-bench-rbd"
 OP_TIMEOUT = 180.0  # rtslib/configfs under TCG, and the runner's reply
@@ -68,6 +69,19 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of every thread of ``pid``."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread name (threads of one name summed): librbd's threads are named
+    (msgr-worker-N, io_context_pool, tp_librbd ...), the runner's Python threads too."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            head, tail = task.joinpath("stat").read_text().rsplit(")", 1)
+            name = re.sub(r"[-_:]?\d+$", "", head.split("(", 1)[1])
+            fields = tail.split()
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / TICK
+    return out
 
 
 # ---- runners ---------------------------------------------------------------------------------
@@ -193,13 +207,14 @@ def loopback_disk(timeout: float = 60.0) -> str:
 # ---- measurements ----------------------------------------------------------------------------
 
 def fio(disk: str, rw: str, bs: int, qd: int, seconds: float, pid: int) -> dict[str, float]:
-    cpu0 = cpu_seconds(pid)
+    cpu0, threads0 = cpu_seconds(pid), thread_cpu(pid)
     res = subprocess.run(
         ["fio", "--output-format=json", f"--filename={disk}", "--name=bench", "--ioengine=libaio",
          "--direct=1", f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", f"--size={IMAGE_SIZE}",
          "--time_based", f"--runtime={seconds:g}", "--randrepeat=0", "--norandommap"],
         capture_output=True, text=True, timeout=seconds + 180, check=False)
     cpu = cpu_seconds(pid) - cpu0
+    threads = {k: v - threads0.get(k, 0.0) for k, v in thread_cpu(pid).items()}
     if res.returncode != 0:
         raise RuntimeError(f"fio {rw} failed ({res.returncode}): {res.stderr[-2000:]}")
     (job,) = json.loads(res.stdout[res.stdout.index("{"):])["jobs"]
@@ -208,13 +223,62 @@ def fio(disk: str, rw: str, bs: int, qd: int, seconds: float, pid: int) -> dict[
         raise RuntimeError(f"fio {rw}: error {job['error']}")
     ios = side["total_ios"]
     secs = side["runtime"] / 1000 or seconds
+    top = sorted(threads.items(), key=lambda kv: -kv[1])[:4]
     return {"iops": ios / secs, "mbps": side["io_bytes"] / secs / 1e6,
-            "cpu_us_per_io": cpu / max(ios, 1) * 1e6, "ios": ios}
+            "cpu_us_per_io": cpu / max(ios, 1) * 1e6, "ios": ios,
+            "threads_us_per_io": {k: round(v / max(ios, 1) * 1e6) for k, v in top if v > 0}}
+
+
+NUMERIC = ("iops", "mbps", "cpu_us_per_io", "ios")
+
+
+def profile(disk: str, pid: int, seconds: float, logdir: Path) -> None:
+    """py-spy (pip-installed into the venv) on the runner during a 4 KiB random read run:
+    the Python functions where its threads spend their samples, self and inclusive."""
+    spy = Path(sys.executable).with_name("py-spy")
+    if not spy.exists():
+        log("--profile: no py-spy next to the interpreter (pip install py-spy)")
+        return
+    raw = logdir / "py-spy-4k-randread.txt"
+    prof = subprocess.Popen([str(spy), "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "50",
+                             "--nonblocking", "-f", "raw", "-o", str(raw)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    fio(disk, "randread", 4096, 32, seconds, pid)
+    try:
+        prof.wait(seconds + 120)
+    except subprocess.TimeoutExpired:
+        prof.kill()
+        prof.wait(10)
+    if not raw.exists():
+        log("--profile: py-spy wrote nothing")
+        return
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [f for f in stack.split(";") if not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+    log(f"py-spy: {total} samples of the runner's Python threads (idle excluded); self:")
+    for f, n in sorted(own.items(), key=lambda kv: -kv[1])[:12]:
+        log(f"  {n / max(total, 1):6.1%}  {f}")
+    log("inclusive:")
+    for f, n in sorted(incl.items(), key=lambda kv: -kv[1])[:15]:
+        log(f"  {n / max(total, 1):6.1%}  {f}")
 
 
 def rbd_bench(conf: str, rw: str, bs: int, qd: int, seconds: float) -> dict[str, float]:
     write = "write" in rw
-    total = IMAGE_SIZE if bs > 4096 else 16 << 20
+    # about as many I/Os as fio did at the runners' pace (rbd bench has no time limit)
+    total = min(IMAGE_SIZE, int(seconds / 8 * (32 << 20 if bs > 4096 else 8 << 20)))
     cmd = ["rbd", "-c", conf, "bench", "--io-type", "write" if write else "read", "--io-size", str(bs),
            "--io-threads", str(qd), "--io-total", str(total),
            "--io-pattern", "rand" if rw.startswith("rand") else "seq", f"{POOL}/{IMAGE}"]
@@ -244,6 +308,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="one round of 8 s per case")
     ap.add_argument("--seconds", type=float, help="per fio run (default 15, --quick 8)")
     ap.add_argument("--rounds", type=int, help="A B rounds (default 2, --quick 1)")
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy the tcmu-py runner during an extra 4 KiB random read run")
     args = ap.parse_args()
     seconds = args.seconds or (8.0 if args.quick else 15.0)
     rounds = args.rounds or (1 if args.quick else 2)
@@ -280,7 +346,10 @@ def main() -> int:
                             r = fio(disk, rw, bs, qd, seconds, runner.pid)
                             runs[kind][name].append(r)
                             log(f"  {kind:11} {name:13} {r['iops']:8.0f} IOPS {r['mbps']:7.1f} MB/s "
-                                f"{r['cpu_us_per_io']:8.0f} CPU µs/IO")
+                                f"{r['cpu_us_per_io']:8.0f} CPU µs/IO; by thread "
+                                f"{r['threads_us_per_io']}")
+                        if args.profile and kind == "tcmu-py" and rnd == rounds - 1:
+                            profile(disk, runner.pid, seconds, logdir)
                     finally:
                         remove_lun()
                         runner.stop()
@@ -294,8 +363,8 @@ def main() -> int:
     print(f"\nmedian of {rounds} round(s) x {seconds:g} s; guest load average {loadavg()}")
     print(f"  {'case':13} {'runner':12} {'IOPS':>8} {'MB/s':>8} {'CPU µs/IO':>10}")
     for name, *_ in CASES:
-        row = {k: {m: statistics.median(r[m] for r in runs[k][name]) for m in runs[k][name][0]}
-               for k in RUNNERS}
+        row: dict[str, Any] = {
+            k: {m: statistics.median(r[m] for r in runs[k][name]) for m in NUMERIC} for k in RUNNERS}
         row["rbd-bench"] = ceiling[name]
         py, c = row["tcmu-py"], row["tcmu-runner"]
         row["ratio"] = {"iops": py["iops"] / c["iops"],
