@@ -36,7 +36,8 @@ HEARTBEAT_GRACE, HEARTBEAT_INTERVAL = 3, 1
 START_TIMEOUT = 120
 
 
-def _unavailable() -> str | None:
+def ceph_unavailable() -> str | None:
+    """Why no cluster can start here (packages, bindings), or None."""
     for binary in ("ceph-mon", "ceph-osd", "ceph-mgr", "rbd"):
         if shutil.which(binary) is None:
             return f"{binary} is not installed (run scripts/setup.sh)"
@@ -219,36 +220,56 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
-    """A cluster for this test module, started by ``scripts/ceph.sh`` and stopped by PID."""
-    why = _unavailable()
-    if why is not None:
-        _fail_or_skip(why)
-    directory = tmp_path_factory.mktemp("ceph") / "cluster"
-    env = {
+def cluster_env(lifetime: int = 900, **settings: str) -> dict[str, str]:
+    """The environment ``scripts/ceph.sh start`` gets: this tier's settings, then ``settings``
+    (``CEPH_MGR="0"``, ``CEPH_IMAGES="a:64M"`` ...)."""
+    return {
         **os.environ,
         "CEPH_OSD_SIZE": "2G",
-        "CEPH_LIFETIME": "900",  # a safety net if this process dies before its teardown
+        "CEPH_LIFETIME": str(lifetime),  # a safety net if the caller dies before its teardown
         # clients only: the OSD's own grace also sets its PGs' read lease (0.8 x grace);
         # a lease shorter than an OSD pause leaves a lone OSD's PGs "laggy" after it
         "CEPH_CLIENT_CONF_EXTRA": f"osd heartbeat grace = {HEARTBEAT_GRACE}\n"
                                   f"osd heartbeat interval = {HEARTBEAT_INTERVAL}",
+        **settings,
     }
+
+
+def start_cluster(directory: Path, timeout: float = START_TIMEOUT, lifetime: int = 900,
+                  **settings: str) -> CephCluster:
+    """Start a cluster in ``directory`` (bounded by ``timeout``); RuntimeError says why not."""
     try:
         res = subprocess.run([str(CEPH_SH), "start", str(directory)], capture_output=True,
-                             text=True, env=env, timeout=START_TIMEOUT)
+                             text=True, env=cluster_env(lifetime, **settings), timeout=timeout)
     except subprocess.TimeoutExpired:
-        subprocess.run([str(CEPH_SH), "stop", str(directory)], timeout=60, check=False)
-        _fail_or_skip(f"scripts/ceph.sh start did not finish within {START_TIMEOUT} s")
+        stop_cluster(directory)
+        raise RuntimeError(f"scripts/ceph.sh start did not finish within {timeout:g} s") from None
     if res.returncode != 0:
-        _fail_or_skip(f"scripts/ceph.sh start failed:\n{res.stderr[-3000:]}")
-    cluster = CephCluster(directory, res.stdout.strip())
+        raise RuntimeError(f"scripts/ceph.sh start failed:\n{res.stderr[-3000:]}")
+    return CephCluster(directory, res.stdout.strip())
+
+
+def stop_cluster(directory: Path, keep: bool = False, stop_timeout: int = 10) -> None:
+    """Stop by the recorded PIDs (``stop_timeout``: seconds from SIGTERM to SIGKILL)."""
+    subprocess.run([str(CEPH_SH), "stop", str(directory), *(["--keep"] if keep else [])],
+                   timeout=60 + 4 * stop_timeout, check=False, stderr=subprocess.DEVNULL,
+                   env={**os.environ, "STOP_TIMEOUT": str(stop_timeout)})
+
+
+@pytest.fixture(scope="module")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
+    """A cluster for this test module, started by ``scripts/ceph.sh`` and stopped by PID."""
+    why = ceph_unavailable()
+    if why is not None:
+        _fail_or_skip(why)
+    directory = tmp_path_factory.mktemp("ceph") / "cluster"
+    try:
+        cluster = start_cluster(directory)
+    except RuntimeError as e:
+        _fail_or_skip(str(e))
     try:
         yield cluster
     finally:
         cluster.close()
         # TCMU_CEPH_KEEP=1 keeps the stopped cluster's directory (logs) for a post-mortem
-        keep = ["--keep"] if os.environ.get("TCMU_CEPH_KEEP") == "1" else []
-        subprocess.run([str(CEPH_SH), "stop", str(directory), *keep], timeout=60, check=False,
-                       stderr=subprocess.DEVNULL)
+        stop_cluster(directory, keep=os.environ.get("TCMU_CEPH_KEEP") == "1")
