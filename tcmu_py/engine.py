@@ -28,7 +28,7 @@ from typing import Any
 from tcmu_py import abi
 from tcmu_py.handler import implemented
 from tcmu_py.logs import device_logger
-from tcmu_py.metrics import DeviceMetrics, bucket_of
+from tcmu_py.metrics import HIST_BUCKETS, DeviceMetrics, bucket_of
 from tcmu_py.ring import Command, MalformedEntry, Ring, TmrEntry
 from tcmu_py.scsi import _model as m
 
@@ -188,7 +188,8 @@ class Device:
         # completions reached the kernel at the flush just done
         done = ncmd - (pending - pending0)
         if done > 0:
-            mt.hist[bucket_of(int((time.monotonic() - t0) * 1e6))] += done
+            b = int((time.monotonic() - t0) * 1e6).bit_length()  # metrics.bucket_of, inlined
+            mt.hist[b if b < HIST_BUCKETS else HIST_BUCKETS - 1] += done
         fd_path = ring.native_efd >= 0
         # the memory path finished its commands in the batch; the fd path's are in C's count
         peak = pending0 + ncmd + (ring.native_inflight if fd_path else served)

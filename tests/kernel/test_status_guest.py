@@ -1,7 +1,7 @@
 """``tcmu-py status`` against a real runner in the guest, while fio drives a tcm_loop disk.
 
 One runner (``--no-dbus``, its own lock file and status socket) serves a ``user:file``
-backstore on a tcm_loop LUN.  fio runs 4k random reads for 10 s; in the middle,
+backstore on a tcm_loop LUN.  fio runs 4k random reads for 30 s; in the middle,
 ``tcmu-py status --json`` measures the device over a few seconds, and its IOPS must agree
 with fio's own figure within a sane factor (the windows differ: fio averages its whole
 run).  A second runner is refused by the lock and the first one's socket keeps answering.
@@ -35,6 +35,11 @@ SIZE = 64 << 20
 LOCK = "/run/tcmu-py-status-test.lock"
 SOCK = "/run/tcmu-py-status-test/status.sock"
 CLI = str(Path(sys.executable).parent / "tcmu-py")  # the console script, as installed
+FIO_S = 30  # under TCG the CLI alone takes seconds to start: a window well inside fio's run
+
+
+def _reads_done(disk: str) -> int:
+    return int(Path(f"/sys/block/{os.path.basename(disk)}/stat").read_text().split()[0])
 
 
 def _runner_cmd(logdir: Path) -> list[str]:
@@ -111,11 +116,18 @@ def test_status_shows_the_fio_workloads_iops(served: tuple[str, Path], tmp_path:
     out = tmp_path / "fio.json"
     cmd = ["fio", "--output-format=json", f"--output={out}", f"--filename={disk}",
            "--name=status", "--ioengine=libaio", "--direct=1", "--rw=randread", "--bs=4k",
-           "--iodepth=16", "--time_based=1", "--runtime=10", "--size=64m"]
+           "--iodepth=16", "--time_based=1", f"--runtime={FIO_S}", "--size=64m"]
     fio = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(3)
-        res = _status("--json", "--interval", "4")
+        deadline = time.monotonic() + 60
+        reads0 = _reads_done(disk)
+        while _reads_done(disk) < reads0 + 100:  # fio is past its start-up, reading
+            assert fio.poll() is None, f"fio ended early: {fio.communicate()}"
+            assert time.monotonic() < deadline, "fio read nothing in 60 s"
+            time.sleep(0.2)
+        res = _status("--json", "--interval", "5")
+        # the status window must lie inside fio's run for the figures to be comparable
+        assert fio.poll() is None, f"fio ended before tcmu-py status had measured ({FIO_S} s)"
         stdout, stderr = fio.communicate(timeout=300)
     finally:
         if fio.poll() is None:
