@@ -1,8 +1,8 @@
 """``tcmu-py status`` against a real runner in the guest, while fio drives a tcm_loop disk.
 
 One runner (``--no-dbus``, its own lock file and status socket) serves a ``user:file``
-backstore on a tcm_loop LUN.  fio runs 4k random reads for 30 s; in the middle,
-``tcmu-py status --json`` measures the device over a few seconds, and its IOPS must agree
+backstore on a tcm_loop LUN.  fio runs 4k random reads for 40 s; in the middle,
+``tcmu-py status --json`` measures the device over 10 s, and its IOPS must agree
 with fio's own figure within a sane factor (the windows differ: fio averages its whole
 run).  A second runner is refused by the lock and the first one's socket keeps answering.
 """
@@ -35,7 +35,7 @@ SIZE = 64 << 20
 LOCK = "/run/tcmu-py-status-test.lock"
 SOCK = "/run/tcmu-py-status-test/status.sock"
 CLI = str(Path(sys.executable).parent / "tcmu-py")  # the console script, as installed
-FIO_S = 30  # under TCG the CLI alone takes seconds to start: a window well inside fio's run
+FIO_S = 40  # under TCG the CLI alone takes seconds to start: a window well inside fio's run
 
 
 def _reads_done(disk: str) -> int:
@@ -125,7 +125,8 @@ def test_status_shows_the_fio_workloads_iops(served: tuple[str, Path], tmp_path:
             assert fio.poll() is None, f"fio ended early: {fio.communicate()}"
             assert time.monotonic() < deadline, "fio read nothing in 60 s"
             time.sleep(0.2)
-        res = _status("--json", "--interval", "5")
+        reads_before = _reads_done(disk)
+        res = _status("--json", "--interval", "10")
         # the status window must lie inside fio's run for the figures to be comparable
         assert fio.poll() is None, f"fio ended before tcmu-py status had measured ({FIO_S} s)"
         stdout, stderr = fio.communicate(timeout=300)
@@ -145,7 +146,8 @@ def test_status_shows_the_fio_workloads_iops(served: tuple[str, Path], tmp_path:
     assert dev["read_iops"] == pytest.approx(dev["iops"], rel=0.05)  # a read workload
     assert dev["mb_s"] == pytest.approx(dev["iops"] * 4096 / 1e6, rel=0.1)
     assert dev["interval_p50_us"] is not None and dev["errors_total"] == 0
-    assert dev["commands"]["read"] >= job["read"]["total_ios"]
+    # every read the block layer had completed went through the runner (the C path here)
+    assert dev["commands"]["read"] >= reads_before
     table = _status("--interval", "0")
     assert table.returncode == 0, _explain(table)
     assert any(line.split()[:2] == [NAME, "file"] for line in table.stdout.splitlines())
