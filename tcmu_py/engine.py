@@ -28,7 +28,7 @@ from typing import Any
 from tcmu_py import abi
 from tcmu_py.handler import implemented
 from tcmu_py.logs import device_logger
-from tcmu_py.metrics import DeviceMetrics, bucket_of
+from tcmu_py.metrics import HIST_BUCKETS, DeviceMetrics, bucket_of
 from tcmu_py.ring import Command, MalformedEntry, Ring, TmrEntry
 from tcmu_py.scsi import _model as m
 
@@ -55,6 +55,9 @@ _TMR_NAMES = {
     abi.TMR_LUN_RESET: "LUN_RESET", abi.TMR_TARGET_WARM_RESET: "TARGET_WARM_RESET",
     abi.TMR_TARGET_COLD_RESET: "TARGET_COLD_RESET", abi.TMR_LUN_RESET_PRO: "LUN_RESET_PRO",
 }
+#: no entry is assumed larger than this (a command of 1000 iovecs): a ring holding fewer
+#: than cmdr_size / this entries cannot be full, and is not looked at
+_ENTRY_MAX = 16 * 1024
 
 
 def _sense_bytes(err: m.SenseError) -> bytes:
@@ -134,6 +137,7 @@ class Device:
         #: None with --no-metrics: the hot path then skips every count but the dict above
         self.metrics: DeviceMetrics | None = DeviceMetrics() if engine.metrics_enabled else None
         self._batch_t0 = 0.0  # time.monotonic() of the current batch's fetch (metrics)
+        self._ring_full_min = max(_RING_FULL_MIN_CMDS, ring.cmdr_size // _ENTRY_MAX)
         self.log = device_logger(log, self.name, getattr(type(handler), "subtype", "?"))
 
     # -- the ring -------------------------------------------------------------------------
@@ -157,7 +161,18 @@ class Device:
             self.counters["commands"] += served
             if not entries:
                 self.counters["batches"] += 1
-        ncmd = 0
+        nspecial = 0  # TMR and malformed entries: not commands
+        if mt is not None:
+            # in the ring at this drain: what the handler and the C workers still hold, and
+            # this batch; the peak, and the ring's fill (before this batch's completions
+            # free it) -- one C call, only when that many entries could fill the ring
+            held = pending0 + len(entries) + (ring.native_inflight if ring.native_efd >= 0 else served)
+            if held > mt.inflight_peak:
+                mt.inflight_peak = held
+            if held >= self._ring_full_min:
+                size = ring.cmdr_size
+                if size - ring.inflight_bytes() - 1 < max(_RING_FULL_SLACK, size >> 6):
+                    mt.ring_full += 1
         if entries:
             self.counters["batches"] += 1
             self.counters["commands"] += len(entries)
@@ -170,41 +185,26 @@ class Device:
                         op = ent.cdb[0]
                         ops[op] += 1
                         op_bytes[op] += ent.data_len
-                        ncmd += 1
                     if self._serial_pending and ent.cdb[0] == 0x12:
                         self._refresh_serial()
                     handle(ent, dispatch(ent.cdb, ent.iov, ent.data_len, state))
                 elif type(ent) is TmrEntry:
+                    nspecial += 1
                     self._tmr(ent)
                 else:
                     assert isinstance(ent, MalformedEntry)
+                    nspecial += 1
                     self._malformed(ent)
         elif ring.corrupt:
             self._corrupt()
         ring.flush()
-        if mt is not None and (ncmd or served):
-            self._batch_metrics(mt, t0, pending0, ncmd, served)
-
-    def _batch_metrics(self, mt: DeviceMetrics, t0: float, pending0: int, ncmd: int,
-                       served: int) -> None:
-        """Per batch: latency of the commands completed in it, in-flight peak, ring fill."""
-        ring = self.ring
-        pending = len(self.inflight)
-        # completed in this batch = fetched minus those now waiting on threads/async; their
-        # completions reached the kernel at the flush just done
-        done = ncmd - (pending - pending0)
-        if done > 0:
-            mt.hist[bucket_of(int((time.monotonic() - t0) * 1e6))] += done
-        fd_path = ring.native_efd >= 0
-        # the memory path finished its commands in the batch; the fd path's are in C's count
-        peak = pending0 + ncmd + (ring.native_inflight if fd_path else served)
-        if peak > mt.inflight_peak:
-            mt.inflight_peak = peak
-        # a full ring holds many entries: look (one C call) only when it could be full
-        if fd_path or ncmd + served + pending >= _RING_FULL_MIN_CMDS:
-            size = ring.cmdr_size
-            if size - ring.inflight_bytes() - 1 < max(_RING_FULL_SLACK, size >> 6):
-                mt.ring_full += 1
+        if mt is not None and entries:
+            # completed in this batch = fetched minus those now waiting on threads/async;
+            # their completions reached the kernel at the flush just done
+            done = len(entries) - nspecial - (len(self.inflight) - pending0)
+            if done > 0:
+                b = int((time.monotonic() - t0) * 1e6).bit_length()  # metrics.bucket_of, inlined
+                mt.hist[b if b < HIST_BUCKETS else HIST_BUCKETS - 1] += done
 
     # -- the native data path ----------------------------------------------------------------
     def native_acquire(self) -> bool:

@@ -2,9 +2,10 @@
 
 ``tcmu-py status`` reads the runner's status socket twice, ``--interval`` seconds apart
 (default 1), and prints one line per device: name, handler, config string, size, state,
-commands in flight, IOPS and MB/s over that interval, p50/p99 latency over it, and the
-errors since the start.  ``--json`` prints the same as one JSON object (the daemon's
-cumulative counters included); ``--watch [SECS]`` refreshes like ``iostat 1``.
+commands in flight, IOPS and MB/s over that interval, p50/p99 latency over it (since the
+start with ``--interval 0``), and the errors since the start.  ``--json`` prints the
+same as one JSON object (the daemon's cumulative counters included); ``--watch [SECS]``
+refreshes like ``iostat 1``.
 
 Exit status: 0, or 3 with one line on stderr when no runner answers (1 for any other
 failure, such as a non-root user on the root-only socket).
@@ -91,7 +92,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append((
             r["name"], r["handler"], cfg, _size(r["size"]), state, str(r["inflight"]),
             _rate(r["iops"], ".0f"), _rate(r["mb_s"], ".1f"),
-            _lat(r["interval_p50_us"]), _lat(r["interval_p99_us"]), str(r["errors_total"]),
+            *(_lat(r[k if r["interval_s"] is not None else c]) for k, c in (
+                ("interval_p50_us", "latency_p50_us"), ("interval_p99_us", "latency_p99_us"))),
+            str(r["errors_total"]),
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(_HEAD))]
     text = ["  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in

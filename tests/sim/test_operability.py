@@ -290,3 +290,17 @@ def test_the_runner_refuses_a_remote_metrics_address_before_starting(tmp_path: P
     assert res.returncode == 1
     assert "not a loopback address" in res.stderr and "--metrics-allow-remote" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python-inline"])
+def test_a_full_ring_is_seen_before_the_batch_completes_it(native: bool) -> None:
+    # inline handlers complete the whole batch at once: the ring must be looked at before
+    with SimTarget(RamHandler, "ram/", size=SIZE, cmdr_size=4096) as t:
+        if not native:
+            t._lt.call(t.device.native_release)
+        futs = [t.submit_nowait(rw16(0x88, i % NUM_LBAS, 1), None, BS) for i in range(400)]
+        assert all(f.result(30).status == 0 for f in futs)
+        s = _snap(t)
+        assert t.kernel.stats["ring_full"] > 0
+        assert s["ring_full"] > 0
+        assert s["commands"]["read"] == 400 and sum(s["latency_hist_log2_us"]) == 400
