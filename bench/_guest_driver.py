@@ -326,7 +326,27 @@ def profile(pid: int, disk: str, outdir: Path, tag: str, job: str) -> None:
         fio.wait(60)
     profiled = parse_fio_json((outdir / "prof-fio.json").read_text())
     print("BENCH-PROFILE " + json.dumps({"tag": tag, "unprofiled": plain, "profiled_fio": profiled,
-                                         "stacks": out.read_text() if out.exists() else ""}), flush=True)
+                                         "stacks": out.read_text() if out.exists() else "",
+                                         "perf": perf_profile(disk, outdir, job)}), flush=True)
+
+
+def perf_profile(disk: str, outdir: Path, job: str) -> str:
+    """System-wide ``perf record`` (cpu-clock: TCG has no PMU) during the same fio job:
+    where every CPU of the guest spends its time, by command and symbol."""
+    if not Path("/usr/bin/perf").exists():
+        return ""
+    data = outdir / "perf.data"
+    fio = subprocess.Popen(fio_command(disk, job, 12, str(outdir / "perf-fio.json")),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(4)
+        subprocess.run(["perf", "record", "-e", "cpu-clock", "-a", "-o", str(data), "--", "sleep", "6"],
+                       capture_output=True, timeout=120, check=False)
+    finally:
+        fio.wait(60)
+    rep = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--sort", "comm,dso,sym",
+                          "--percent-limit", "0.7"], capture_output=True, text=True, timeout=180, check=False)
+    return "\n".join(line for line in rep.stdout.splitlines() if line and not line.startswith("#"))
 
 
 def profile_only(image: Path, size: int, logdir: Path, outdir: Path, job: str, hw: int) -> None:

@@ -286,6 +286,9 @@ def main() -> int:
                       f"{summ['samples']} samples, {idle:.1%} idle in epoll_wait; busiest stacks:")
                 for stack, share in summ["stacks"]:
                     print(f"  {share:6.1%}  {stack[:220]}")
+                if prof.get("perf"):
+                    print(f"# perf record -a (cpu-clock, whole guest), {prof['tag']}: comm, dso, symbol")
+                    print(prof["perf"])
         return rc
     rows, info = parse_rows(lines)
     cases = aggregate(rows)
