@@ -340,12 +340,22 @@ def perf_profile(disk: str, outdir: Path, job: str) -> str:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(4)
-        subprocess.run(["perf", "record", "-e", "cpu-clock", "-a", "-o", str(data), "--", "sleep", "6"],
-                       capture_output=True, timeout=120, check=False)
+        # no build-id pass at the end: it reads every DSO over 9p, minutes under TCG
+        rec = subprocess.run(["perf", "record", "-e", "cpu-clock", "-a", "--no-buildid", "--no-buildid-cache",
+                              "-o", str(data), "--", "sleep", "6"], capture_output=True, text=True,
+                             timeout=60, check=False)
+        if rec.returncode != 0:
+            return f"perf record failed: rc {rec.returncode} {rec.stderr[-300:]}"
+    except subprocess.TimeoutExpired:
+        return "perf record did not finish in 60 s"
     finally:
         fio.wait(60)
-    rep = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--sort", "comm,dso,sym",
-                          "--percent-limit", "0.7"], capture_output=True, text=True, timeout=180, check=False)
+    try:
+        rep = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--sort", "comm,dso,sym",
+                              "--percent-limit", "0.7"], capture_output=True, text=True, timeout=120,
+                             check=False)
+    except subprocess.TimeoutExpired:
+        return "perf report did not finish in 120 s"
     return "\n".join(line for line in rep.stdout.splitlines() if line and not line.startswith("#"))
 
 
