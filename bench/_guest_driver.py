@@ -303,7 +303,7 @@ def kernel_phase(args: argparse.Namespace, rnd: int, image: Path, size: int, out
         measure(args, rnd, "rd_mcp", disks[PREFIX + "rd_mcp"], None, list(JOBS), None, outdir)
 
 
-def profile(pid: int, disk: str, outdir: Path, tag: str, job: str) -> None:
+def profile(pid: int, disk: str, outdir: Path, tag: str, job: str, perf: bool = False) -> None:
     """py-spy on the runner during a fio ``job`` (when py-spy is installed)."""
     spy = REPO / ".venv/bin/py-spy"
     if not spy.exists():
@@ -327,7 +327,8 @@ def profile(pid: int, disk: str, outdir: Path, tag: str, job: str) -> None:
     profiled = parse_fio_json((outdir / "prof-fio.json").read_text())
     print("BENCH-PROFILE " + json.dumps({"tag": tag, "unprofiled": plain, "profiled_fio": profiled,
                                          "stacks": out.read_text() if out.exists() else "",
-                                         "perf": perf_profile(disk, outdir, job)}), flush=True)
+                                         "perf": perf_profile(disk, outdir, job) if perf else ""}),
+          flush=True)
 
 
 def perf_profile(disk: str, outdir: Path, job: str) -> str:
@@ -359,7 +360,8 @@ def perf_profile(disk: str, outdir: Path, job: str) -> str:
     return "\n".join(line for line in rep.stdout.splitlines() if line and not line.startswith("#"))
 
 
-def profile_only(image: Path, size: int, logdir: Path, outdir: Path, job: str, hw: int) -> None:
+def profile_only(image: Path, size: int, logdir: Path, outdir: Path, job: str, hw: int,
+                 perf: bool) -> None:
     from rtslib_fb import UserBackedStorageObject
 
     runner = Runner("tcmu-py", logdir)
@@ -373,8 +375,8 @@ def profile_only(image: Path, size: int, logdir: Path, outdir: Path, job: str, h
         ]
         with exported(specs) as disks:
             prefill(disks[PREFIX + "prof-ram"])
-            profile(runner.pid, disks[PREFIX + "prof-file"], outdir, f"file hw {hw} {job}", job)
-            profile(runner.pid, disks[PREFIX + "prof-ram"], outdir, f"ram hw {hw} {job}", job)
+            profile(runner.pid, disks[PREFIX + "prof-file"], outdir, f"file hw {hw} {job}", job, perf)
+            profile(runner.pid, disks[PREFIX + "prof-ram"], outdir, f"ram hw {hw} {job}", job, perf)
     finally:
         runner.stop()
 
@@ -389,6 +391,7 @@ def main() -> int:
     ap.add_argument("--image-dir", default="/dev/shm")
     ap.add_argument("--profile-only", action="store_true", help="py-spy the tcmu-py runner, no bench")
     ap.add_argument("--profile-job", default="randread4k", choices=list(JOBS))
+    ap.add_argument("--perf", action="store_true", help="with --profile-only: also perf record -a")
     args = ap.parse_args()
     args.hw = [int(x) for x in args.hw.split(",")]
     size = args.size_mb << 20
@@ -405,7 +408,7 @@ def main() -> int:
         "size_mb": args.size_mb, "rounds": args.rounds, "rand_seconds": args.rand_seconds,
         "seq_seconds": args.seq_seconds, "hw_max_sectors": args.hw}), flush=True)
     if args.profile_only:
-        profile_only(image, size, logdir, outdir, args.profile_job, max(args.hw))
+        profile_only(image, size, logdir, outdir, args.profile_job, max(args.hw), args.perf)
         image.unlink()
         return 0
     for rnd in range(1, args.rounds + 1):
