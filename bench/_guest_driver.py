@@ -303,7 +303,7 @@ def kernel_phase(args: argparse.Namespace, rnd: int, image: Path, size: int, out
         measure(args, rnd, "rd_mcp", disks[PREFIX + "rd_mcp"], None, list(JOBS), None, outdir)
 
 
-def profile(pid: int, disk: str, outdir: Path, tag: str, job: str) -> None:
+def profile(pid: int, disk: str, outdir: Path, tag: str, job: str, perf: bool = False) -> None:
     """py-spy on the runner during a fio ``job`` (when py-spy is installed)."""
     spy = REPO / ".venv/bin/py-spy"
     if not spy.exists():
@@ -326,10 +326,42 @@ def profile(pid: int, disk: str, outdir: Path, tag: str, job: str) -> None:
         fio.wait(60)
     profiled = parse_fio_json((outdir / "prof-fio.json").read_text())
     print("BENCH-PROFILE " + json.dumps({"tag": tag, "unprofiled": plain, "profiled_fio": profiled,
-                                         "stacks": out.read_text() if out.exists() else ""}), flush=True)
+                                         "stacks": out.read_text() if out.exists() else "",
+                                         "perf": perf_profile(disk, outdir, job) if perf else ""}),
+          flush=True)
 
 
-def profile_only(image: Path, size: int, logdir: Path, outdir: Path, job: str, hw: int) -> None:
+def perf_profile(disk: str, outdir: Path, job: str) -> str:
+    """System-wide ``perf record`` (cpu-clock: TCG has no PMU) during the same fio job:
+    where every CPU of the guest spends its time, by command and symbol."""
+    if not Path("/usr/bin/perf").exists():
+        return ""
+    data = outdir / "perf.data"
+    fio = subprocess.Popen(fio_command(disk, job, 12, str(outdir / "perf-fio.json")),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(4)
+        # no build-id pass at the end: it reads every DSO over 9p, minutes under TCG
+        rec = subprocess.run(["perf", "record", "-e", "cpu-clock", "-a", "--no-buildid", "--no-buildid-cache",
+                              "-o", str(data), "--", "sleep", "6"], capture_output=True, text=True,
+                             timeout=60, check=False)
+        if rec.returncode != 0:
+            return f"perf record failed: rc {rec.returncode} {rec.stderr[-300:]}"
+    except subprocess.TimeoutExpired:
+        return "perf record did not finish in 60 s"
+    finally:
+        fio.wait(60)
+    try:
+        rep = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--sort", "comm,dso,sym",
+                              "--percent-limit", "0.7"], capture_output=True, text=True, timeout=120,
+                             check=False)
+    except subprocess.TimeoutExpired:
+        return "perf report did not finish in 120 s"
+    return "\n".join(line for line in rep.stdout.splitlines() if line and not line.startswith("#"))
+
+
+def profile_only(image: Path, size: int, logdir: Path, outdir: Path, job: str, hw: int,
+                 perf: bool) -> None:
     from rtslib_fb import UserBackedStorageObject
 
     runner = Runner("tcmu-py", logdir)
@@ -343,8 +375,8 @@ def profile_only(image: Path, size: int, logdir: Path, outdir: Path, job: str, h
         ]
         with exported(specs) as disks:
             prefill(disks[PREFIX + "prof-ram"])
-            profile(runner.pid, disks[PREFIX + "prof-file"], outdir, f"file hw {hw} {job}", job)
-            profile(runner.pid, disks[PREFIX + "prof-ram"], outdir, f"ram hw {hw} {job}", job)
+            profile(runner.pid, disks[PREFIX + "prof-file"], outdir, f"file hw {hw} {job}", job, perf)
+            profile(runner.pid, disks[PREFIX + "prof-ram"], outdir, f"ram hw {hw} {job}", job, perf)
     finally:
         runner.stop()
 
@@ -359,6 +391,7 @@ def main() -> int:
     ap.add_argument("--image-dir", default="/dev/shm")
     ap.add_argument("--profile-only", action="store_true", help="py-spy the tcmu-py runner, no bench")
     ap.add_argument("--profile-job", default="randread4k", choices=list(JOBS))
+    ap.add_argument("--perf", action="store_true", help="with --profile-only: also perf record -a")
     args = ap.parse_args()
     args.hw = [int(x) for x in args.hw.split(",")]
     size = args.size_mb << 20
@@ -375,7 +408,7 @@ def main() -> int:
         "size_mb": args.size_mb, "rounds": args.rounds, "rand_seconds": args.rand_seconds,
         "seq_seconds": args.seq_seconds, "hw_max_sectors": args.hw}), flush=True)
     if args.profile_only:
-        profile_only(image, size, logdir, outdir, args.profile_job, max(args.hw))
+        profile_only(image, size, logdir, outdir, args.profile_job, max(args.hw), args.perf)
         image.unlink()
         return 0
     for rnd in range(1, args.rounds + 1):

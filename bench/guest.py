@@ -238,6 +238,8 @@ def main() -> int:
                     help="only py-spy the tcmu-py runner during one fio job (py-spy in .venv)")
     ap.add_argument("--profile-job", default="randread4k", choices=list(JOBS),
                     help="the job --profile runs (at the largest --hw)")
+    ap.add_argument("--perf", action="store_true",
+                    help="with --profile: also a system-wide perf record (did not finish in this guest)")
     ap.add_argument("--from-log", help="only parse a guest-output.log of an earlier run")
     args = ap.parse_args()
     rand_s = args.rand_seconds or (3 if args.quick else 6)
@@ -256,7 +258,8 @@ def main() -> int:
         run_dir = REPO / ".lab-runs" / f"bench-guest-{time.strftime('%Y%m%d-%H%M%S')}"
         cmd = (f".venv/bin/python bench/_guest_driver.py --rounds {args.rounds} --rand-seconds {rand_s:g} "
                f"--seq-seconds {seq_s:g} --hw {hw} --size-mb {args.size_mb}"
-               + (f" --profile-only --profile-job {args.profile_job}" if args.profile else ""))
+               + (f" --profile-only --profile-job {args.profile_job}" if args.profile else "")
+               + (" --perf" if args.perf else ""))
         print(f"# booting one guest (timeout {guest_timeout} s): {cmd}", flush=True)
         env = dict(os.environ, TCMU_VM_QUIET="1")
         proc = subprocess.Popen([str(REPO / "tests/vm/run-in-guest.sh"), "-t", str(guest_timeout), "-o",
@@ -286,6 +289,9 @@ def main() -> int:
                       f"{summ['samples']} samples, {idle:.1%} idle in epoll_wait; busiest stacks:")
                 for stack, share in summ["stacks"]:
                     print(f"  {share:6.1%}  {stack[:220]}")
+                if prof.get("perf"):
+                    print(f"# perf record -a (cpu-clock, whole guest), {prof['tag']}: comm, dso, symbol")
+                    print(prof["perf"])
         return rc
     rows, info = parse_rows(lines)
     cases = aggregate(rows)
