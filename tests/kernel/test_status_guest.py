@@ -22,7 +22,10 @@ from pathlib import Path
 import pytest
 
 from .conftest import NAME_PREFIX, OP_TIMEOUT, in_background, kernel_unavailable
-from .test_runner_io import START_TIMEOUT_S, _explain, _fio_jobs, _loopback_disk, _unavailable
+from .runnerproc import START_TIMEOUT_S
+from .runnerproc import loopback_disk as _loopback_disk
+from .runnerproc import unavailable as _unavailable
+from .test_runner_io import _explain, _fio_jobs
 
 pytestmark = [
     pytest.mark.guest,
